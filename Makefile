@@ -1,0 +1,29 @@
+# The two Quickstart commands: `make demo` and `make test`. Each sets up .venv from scratch if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= demo-out
+# torch is pinned and installed first: this version's CPU build needs no multi-GB download here;
+# on a GPU machine the same line gives the CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/medmim: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+setup: $(BIN)/medmim
+
+demo: setup
+	$(BIN)/medmim data phantom $(DEMO_OUT)/phantom --labeled 8 --unlabeled 16 --seed 0
+	$(BIN)/medmim data check $(DEMO_OUT)/phantom
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

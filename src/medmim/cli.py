@@ -1,0 +1,172 @@
+"""The ``medmim`` command: a thin shell that parses, calls one function per verb, and turns errors into exit codes.
+
+Exit status: 0 success; 2 bad input or usage (one line naming the file or setting); 1 internal error.
+Set ``MEDMIM_DEBUG=1`` to see the traceback of an internal error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from medmim import __version__
+from medmim.errors import MedmimError
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(f"medmim: error: {msg}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="medmim")
+def cli() -> None:
+    """medmim: masked image modeling (MAE, SimMIM) pretraining of 3D medical images and UNETR fine-tuning.
+
+    Stages: `data` (check, phantom, split) and `config` (list, show).
+    """
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@cli.group()
+def data() -> None:
+    """Datasets: check them, make synthetic phantoms, write train/validation splits."""
+
+
+@data.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--quiet", "-q", is_flag=True, help="Print problems only, no summary.")
+def data_check(path: Path, quiet: bool) -> None:
+    """Validate a dataset before training: a Decathlon or nnU-Net folder, its dataset.json,
+    a JSON datalist, or a plain folder of images.
+
+    Reports every problem, each naming its file; exits 2 if there is any.
+    """
+    from medmim.data.check import check_dataset
+
+    def progress(case_id: str, n: int, total: int) -> None:
+        if not quiet and sys.stderr.isatty():
+            click.echo(f"\rchecking {n + 1}/{total} {case_id[:40]:<40s}", err=True, nl=False)
+
+    report = check_dataset(path, progress=progress)
+    if not quiet and sys.stderr.isatty():
+        click.echo("\r" + " " * 60 + "\r", err=True, nl=False)
+    if report.problems:
+        for p in report.problems:
+            click.echo(f"medmim: error: {p}", err=True)
+        files = len({p.path for p in report.problems})
+        click.echo(f"medmim: {len(report.problems)} problem(s) in {files} file(s) of {path}", err=True)
+        sys.exit(2)
+    if not quiet:
+        click.echo(report.summary())
+    click.echo(f"ok: {path} passed all checks")
+
+
+@data.command("phantom")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--labeled", type=int, default=20, show_default=True, help="Cases with organ labels (imagesTr/labelsTr).")
+@click.option("--unlabeled", type=int, default=40, show_default=True, help="Image-only cases for pretraining (imagesTs).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--shape", type=(int, int, int), default=None, help="Voxels along i j k (default: the phantom's own).")
+@click.option("--spacing", type=(float, float, float), default=None, help="Voxel size in mm along i j k.")
+def data_phantom(out_dir: Path, labeled: int, unlabeled: int, seed: int, shape, spacing) -> None:
+    """Write a synthetic abdominal CT dataset (BTCV's 13 organs) in Decathlon format to OUT_DIR."""
+    from medmim.data import phantom
+
+    kw = {}
+    if shape is not None:
+        kw["shape"] = tuple(shape)
+    if spacing is not None:
+        kw["spacing"] = tuple(spacing)
+    t0 = time.perf_counter()
+    phantom.write_phantom_dataset(out_dir, labeled=labeled, unlabeled=unlabeled, seed=seed, progress=True, **kw)
+    dt = time.perf_counter() - t0
+    n = labeled + unlabeled
+    click.echo(f"wrote {n} phantom cases ({labeled} labeled, {unlabeled} unlabeled) to {out_dir} "
+               f"in {dt:.1f} s ({dt / max(n, 1):.2f} s per case)")
+
+
+@data.command("split")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_split(path: Path, folds: int, seed: int) -> None:
+    """Write (or show, if it exists) splits_final.json beside a dataset: K folds of labeled cases."""
+    from medmim.data.datasets import get_split, load_dataset, splits_path
+
+    ds = load_dataset(path)
+    train, val = get_split(ds, 0, folds, seed)
+    where = "the datalist's own validation list" if ds.fixed_val is not None else str(splits_path(ds))
+    click.echo(f"{len(ds.labeled)} labeled cases; fold 0: {len(train)} train, {len(val)} val ({where})")
+
+
+# --- config ----------------------------------------------------------------------------------
+
+@cli.group()
+def config() -> None:
+    """Configs: list the shipped presets, show a resolved config."""
+
+
+@config.command("list")
+def config_list() -> None:
+    """List the presets shipped with medmim."""
+    from medmim.config import preset_names
+
+    for name in preset_names():
+        click.echo(name)
+
+
+@config.command("show", context_settings={"ignore_unknown_options": True})
+@click.argument("source")
+@click.argument("overrides", nargs=-1)
+def config_show(source: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config of SOURCE (a preset name or a YAML file) with key=value OVERRIDES."""
+    from medmim.config import load_config
+
+    click.echo(load_config(source, overrides).to_yaml(), nl=False)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return (and exit with) 0, 1 or 2."""
+    try:
+        rv = cli.main(args=argv, prog_name="medmim", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0  # click returns --help's / --version's exit code
+    except MedmimError as e:
+        _echo_err(str(e))
+        code = 2
+    except click.exceptions.UsageError as e:
+        e.show()
+        code = 2
+    except click.exceptions.Abort:
+        click.echo("medmim: aborted", err=True)
+        code = 130
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = 2
+    except KeyboardInterrupt:
+        click.echo("medmim: interrupted", err=True)
+        code = 130
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # an internal bug: say so on one line, traceback on request
+        if os.environ.get("MEDMIM_DEBUG"):
+            traceback.print_exc()
+        _echo_err(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                  f"(a bug in medmim; rerun with MEDMIM_DEBUG=1 for the traceback)")
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The one typed configuration schema for every medmim run.
+
+A config is loaded from a YAML preset shipped in ``medmim/configs/`` (by name, e.g. ``mae-tiny``)
+or from a YAML file, then overridden from the command line with dotted ``key=value`` pairs:
+
+    cfg = load_config("mae-tiny", ["data.path=/data/btcv", "train.max_steps=100"])
+
+Values of overrides are parsed as YAML (``train.lr=1e-4``, ``data.roi_size=[64,64,64]``,
+``train.compile=true``). A YAML file may start with ``base: PRESET`` to inherit from a preset.
+Unknown keys and values of the wrong type raise :class:`~medmim.errors.MedmimError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medmim.errors import MedmimError
+
+Triple = tuple[int, int, int]
+FTriple = tuple[float, float, float]
+
+
+def _triple(v: Any) -> Any:
+    # a single number means the same along every axis: patch_size=16 -> (16, 16, 16)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (v, v, v)
+    return v
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the data is and how it becomes training crops."""
+
+    path: list[str] = Field(default_factory=list, description="datasets or prepared caches; several allowed")
+    modality: Literal["ct", "mri"] = "ct"
+    spacing: FTriple = (1.5, 1.5, 2.0)  # mm, target voxel size after resampling (BTCV setting of the paper)
+    hu_window: tuple[float, float] = (-175.0, 250.0)  # CT intensities clipped to this window, then scaled to [0, 1]
+    roi_size: Triple = (96, 96, 96)  # crop size in voxels
+    crops_per_volume: int = Field(4, ge=1)
+    batch_size: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=0)
+    pos_fraction: float = Field(0.5, ge=0.0, le=1.0)  # share of crops centred on foreground when labels exist
+    fold: int = Field(0, ge=0)
+    num_folds: int = Field(5, ge=2)
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of labeled training cases used to fine-tune
+    cache_dtype: Literal["float16", "float32"] = "float16"
+
+    _norm_roi = field_validator("roi_size", "spacing", mode="before")(_triple)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, (str, os.PathLike)):
+            return [str(v)]
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, v: FTriple) -> FTriple:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"spacing must be positive mm, got {list(v)}")
+        return v
+
+    @field_validator("roi_size")
+    @classmethod
+    def _positive_roi(cls, v: Triple) -> Triple:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"roi_size must be positive, got {list(v)}")
+        return v
+
+    @field_validator("hu_window")
+    @classmethod
+    def _ordered_window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError(f"hu_window must be [low, high] with low < high, got {list(v)}")
+        return v
+
+
+class ModelConfig(_Section):
+    """The ViT encoder (shared by every pretrainer and by UNETR) and the UNETR head."""
+
+    in_channels: int = Field(1, ge=1)
+    img_size: Triple = (96, 96, 96)
+    patch_size: Triple = (16, 16, 16)
+    hidden_size: int = Field(768, ge=8)
+    num_layers: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    mlp_dim: int = Field(3072, ge=8)
+    pos_embed: Literal["sincos", "learnable"] = "sincos"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    qkv_bias: bool = True
+    # UNETR
+    num_classes: int = Field(14, ge=2)  # including background
+    feature_size: int = Field(16, ge=1)
+    pretrained: str | None = None  # checkpoint to initialise the encoder from (fine-tuning)
+    partial_load: bool = False  # allow an encoder that loads only in part (reported either way)
+
+    _norm = field_validator("img_size", "patch_size", mode="before")(_triple)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        for n, (s, p) in enumerate(zip(self.img_size, self.patch_size)):
+            if p <= 0 or s % p:
+                raise ValueError(f"img_size {list(self.img_size)} must be a multiple of patch_size {list(self.patch_size)} on axis {n}")
+        return self
+
+
+class PretrainConfig(_Section):
+    """The pretext task: masking, head and loss of MAE / SimMIM, or SimCLR's projection and loss."""
+
+    method: Literal["mae", "simmim", "simclr"] = "mae"
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    mask_patch_size: Triple = (16, 16, 16)  # voxels; a multiple of the ViT patch size
+    decoder_dim: int = Field(384, ge=8)
+    decoder_depth: int = Field(4, ge=0)  # 0: a linear projection head
+    decoder_heads: int = Field(12, ge=1)
+    loss: Literal["l1", "l2"] = "l2"
+    norm_pix_loss: bool = False
+    temperature: float = Field(0.1, gt=0.0)  # SimCLR NT-Xent
+    proj_dim: int = Field(128, ge=8)  # SimCLR projection output
+
+    _norm = field_validator("mask_patch_size", mode="before")(_triple)
+
+
+class TrainConfig(_Section):
+    """Optimisation (AdamW, warm-up + cosine), precision, duration and logging cadence."""
+
+    max_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    max_time_min: float | None = Field(None, gt=0)
+    lr: float = Field(1.5e-4, gt=0)  # base learning rate for base_batch_size; scaled linearly with the effective batch
+    base_batch_size: int = Field(256, ge=1)
+    scale_lr: bool = True
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compile: bool = False
+    grad_checkpoint: bool = False
+    seed: int = 0
+    val_every: int = Field(100, ge=1)  # steps
+    log_every: int = Field(10, ge=1)
+    preview_every: int = Field(200, ge=1)
+    ckpt_every: int = Field(200, ge=1)
+    sw_overlap: float = Field(0.5, ge=0.0, lt=1.0)  # sliding-window overlap at validation
+    sw_batch_size: int = Field(4, ge=1)
+
+
+class RunConfig(_Section):
+    dir: str = "runs/run"
+    name: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Config(_Section):
+    """Every setting of a run. Written, resolved, into the run folder and into every checkpoint."""
+
+    task: Literal["pretrain", "finetune"] = "pretrain"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    resume: str | None = None  # a checkpoint path or "auto" (the run folder's last checkpoint)
+
+    @model_validator(mode="after")
+    def _mask_fits(self) -> "Config":
+        for n, (m, p) in enumerate(zip(self.pretrain.mask_patch_size, self.model.patch_size)):
+            if m % p:
+                raise ValueError(
+                    f"pretrain.mask_patch_size {list(self.pretrain.mask_patch_size)} must be a multiple of "
+                    f"model.patch_size {list(self.model.patch_size)} (axis {n})")
+        for n, (s, m) in enumerate(zip(self.model.img_size, self.pretrain.mask_patch_size)):
+            if self.task == "pretrain" and self.pretrain.method != "simclr" and s % m:
+                raise ValueError(
+                    f"model.img_size {list(self.model.img_size)} must be a multiple of pretrain.mask_patch_size "
+                    f"{list(self.pretrain.mask_patch_size)} (axis {n})")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``medmim/configs/``."""
+    folder = resources.files("medmim") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise MedmimError(f"{where}: invalid YAML{at}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MedmimError(f"{where}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _load_source(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
+    """A preset name or a YAML path -> a plain dict, with ``base:`` resolved."""
+    source = str(source)
+    if source in seen:
+        raise MedmimError(f"{source}: 'base' chain loops back on itself")
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise MedmimError(f"{source}: config file not found")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MedmimError(f"{source}: cannot read config ({e.__class__.__name__})")
+        data = _read_yaml(text, source)
+    else:
+        preset = resources.files("medmim") / "configs" / f"{source}.yaml"
+        if not preset.is_file():
+            raise MedmimError(f"unknown preset '{source}' (presets: {', '.join(preset_names())}; or give a .yaml file)")
+        data = _read_yaml(preset.read_text(), f"preset {source}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise MedmimError(f"{source}: 'base' must be a preset name or a file path")
+        merged = _load_source(base, seen + (source,))
+        _deep_update(merged, data)
+        data = merged
+    return data
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4). Values are read as YAML."""
+    if "=" not in item:
+        raise MedmimError(f"override '{item}' must look like key=value (e.g. train.max_steps=100)")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise MedmimError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: take the text as it is (a path with odd characters, say)
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # "run.dir=a: b" is a name with a colon, not a mapping
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            elif not isinstance(nxt, dict):
+                raise MedmimError(f"override '{item}': '{k}' is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def _format_validation(e: ValidationError, where: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        if not loc:  # a check across sections names its keys itself
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            parts.append(f"'{loc}': {msg}{shown}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def config_from_dict(data: dict, where: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise MedmimError(_format_validation(e, where))
+
+
+def load_config(source: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from a preset name or YAML file plus ``key=value`` overrides."""
+    data = _load_source(source) if source is not None else {}
+    apply_overrides(data, list(overrides))
+    return config_from_dict(data, str(source) if source is not None else "config")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(cfg.to_yaml())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,1 @@
+"""Data stage: image I/O with geometry, dataset formats, checks, synthetic phantoms."""
