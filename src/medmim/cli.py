@@ -27,7 +27,7 @@ def _echo_err(msg: str) -> None:
 def cli() -> None:
     """medmim: masked image modeling (MAE, SimMIM) pretraining of 3D medical images and UNETR fine-tuning.
 
-    Stages: `data` (check, phantom, prepare, split) and `config` (list, show).
+    Stages: `data` (check, phantom, prepare, split), `pretrain`, `finetune`; `config` (list, show).
     """
 
 
@@ -131,6 +131,44 @@ def data_split(path: Path, folds: int, seed: int) -> None:
     train, val = get_split(ds, 0, folds, seed)
     where = "the datalist's own validation list" if ds.fixed_val is not None else str(splits_path(ds))
     click.echo(f"{len(ds.labeled)} labeled cases; fold 0: {len(train)} train, {len(val)} val ({where})")
+
+
+# --- training ------------------------------------------------------------------------------
+
+def _train(task: str, source: str, overrides: tuple[str, ...]) -> None:
+    from medmim.config import load_config
+    from medmim.train.engine import run_training
+
+    cfg = load_config(source, overrides)
+    if cfg.task != task:
+        other = "finetune" if task == "pretrain" else "pretrain"
+        raise MedmimError(f"{source} is a {cfg.task} config: run `medmim {other} {source}` or set task={task}")
+    summary = run_training(cfg, log=lambda s: click.echo(s, err=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"done: {summary['steps']} steps in {summary['seconds']:.1f} s "
+                   f"({summary['s_per_step']:.3f} s/step); run folder {summary['run_dir']}")
+
+
+@cli.command("pretrain", context_settings={"ignore_unknown_options": True})
+@click.argument("source", metavar="CONFIG")
+@click.argument("overrides", nargs=-1)
+def pretrain(source: str, overrides: tuple[str, ...]) -> None:
+    """Pretrain a ViT by MAE, SimMIM or SimCLR (pretrain.method). CONFIG is a preset (`medmim config list`)
+    or a YAML file; OVERRIDES are key=value, e.g. data.path=DIR run.dir=DIR train.max_steps=100 resume=auto.
+
+    Runs under torchrun for several GPUs or machines: torchrun --nproc_per_node=N -m medmim pretrain ...
+    """
+    _train("pretrain", source, overrides)
+
+
+@cli.command("finetune", context_settings={"ignore_unknown_options": True})
+@click.argument("source", metavar="CONFIG")
+@click.argument("overrides", nargs=-1)
+def finetune(source: str, overrides: tuple[str, ...]) -> None:
+    """Fine-tune UNETR for segmentation, from scratch or from model.pretrained=CHECKPOINT (a medmim
+    checkpoint or a MONAI state dict). OVERRIDES are key=value, as for pretrain.
+    """
+    _train("finetune", source, overrides)
 
 
 # --- config ----------------------------------------------------------------------------------

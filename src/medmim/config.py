@@ -53,6 +53,8 @@ class DataConfig(_Section):
     num_folds: int = Field(5, ge=2)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of labeled training cases used to fine-tune
     cache_dtype: Literal["float16", "float32"] = "float16"
+    cache_dir: str | None = None  # where raw datasets given in data.path are prepared (default $MEDMIM_CACHE or ~/.cache/medmim)
+    prepare_workers: int = Field(2, ge=1)
 
     _norm_roi = field_validator("roi_size", "spacing", mode="before")(_triple)
 

@@ -1,0 +1,1 @@
+"""Training: one engine for MAE / SimMIM / SimCLR pretraining and UNETR fine-tuning."""

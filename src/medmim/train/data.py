@@ -1,0 +1,121 @@
+"""From ``data.path`` to the cases a run trains and validates on.
+
+Each entry of ``data.path`` is a prepared cache (used as it is) or a raw dataset, which is prepared
+once into ``data.cache_dir`` (default ``$MEDMIM_CACHE`` or ``~/.cache/medmim``) under a name that
+depends on the dataset's location and the preprocessing settings, so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medmim.data.prepare import PrepareSettings, prepare_dataset
+from medmim.data.sampling import Cache, CachedCase, label_subset, open_cache
+from medmim.errors import MedmimError
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("MEDMIM_CACHE", Path.home() / ".cache" / "medmim"))
+
+
+def cache_folder_for(dataset: Path, settings: PrepareSettings, cache_dir: str | None) -> Path:
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    key = hashlib.blake2b(f"{dataset.resolve()}|{settings.digest()}".encode(), digest_size=6).hexdigest()
+    return root / f"{dataset.resolve().name}-{key}"
+
+
+def resolve_caches(data_cfg, log=print, is_main: bool = True, barrier=lambda: None) -> list[Cache]:
+    """Open every ``data.path`` as a cache, preparing raw datasets first (on the main process only)."""
+    if not data_cfg.path:
+        raise MedmimError("data.path is empty: give a dataset or a prepared cache (data.path=DIR)")
+    settings = PrepareSettings.from_config(data_cfg)
+    caches = []
+    for raw in data_cfg.path:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise MedmimError(f"data.path: {p}: no such file or folder")
+        if (p / "manifest.json").is_file():
+            cache = open_cache(p)
+            got = cache.manifest.get("settings", {})
+            if got.get("spacing") != list(settings.spacing) or got.get("modality") != settings.modality:
+                log(f"note: cache {p} was prepared at spacing {got.get('spacing')} mm, {got.get('modality')}; "
+                    f"it is used as it is (data.spacing/data.modality apply to raw datasets)")
+        else:
+            target = cache_folder_for(p, settings, data_cfg.cache_dir)
+            if is_main:
+                log(f"preparing {p} into {target}")
+                res = prepare_dataset(p, target, settings, workers=data_cfg.prepare_workers,
+                                      num_folds=data_cfg.num_folds, log=lambda s: None)
+                log(f"  {len(res.done)} prepared, {len(res.skipped)} up to date, {len(res.failed)} failed "
+                    f"({res.seconds:.1f} s)")
+                for cid, err in sorted(res.failed.items()):
+                    log(f"  skipped case {cid}: {err}")
+            barrier()
+            cache = open_cache(target)
+        if not cache.case_ids():
+            raise MedmimError(f"data.path: {p}: no usable case (every case failed to prepare?)")
+        caches.append(cache)
+    return caches
+
+
+@dataclass
+class RunCases:
+    train: list[CachedCase]
+    val: list[CachedCase]
+    labels: dict[int, str]
+    lateral_pairs: list[tuple[int, int]]
+    channels: int
+
+
+def _holdout(ids: list[str], seed: int, fraction: float = 0.1) -> list[str]:
+    if len(ids) < 2:
+        return []
+    k = max(1, int(round(fraction * len(ids))))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[:k])
+
+
+def pretrain_cases(caches: list[Cache], fold: int, seed: int) -> RunCases:
+    """All cases but the validation ones: a fine-tuning fold's validation cases are never pretrained on."""
+    train, val = [], []
+    for cache in caches:
+        labeled = cache.case_ids(labeled=True)
+        held = set(cache.split(fold)[1]) if len(labeled) >= 2 else set(_holdout(cache.case_ids(), seed))
+        for cid in cache.case_ids():
+            (val if cid in held else train).append(cache.case(cid))
+    if not train:
+        raise MedmimError("no pretraining cases left after holding out the validation cases")
+    return RunCases(train, val, caches[0].labels, caches[0].lateral_pairs, _channels(caches))
+
+
+def finetune_cases(caches: list[Cache], fold: int, label_fraction: float, seed: int) -> RunCases:
+    """The fold's labeled training cases (a nested ``label_fraction`` subset of them) and its validation cases."""
+    train, val = [], []
+    labels, pairs = {}, []
+    for cache in caches:
+        if len(cache.case_ids(labeled=True)) < 2:
+            continue
+        tr, va = cache.split(fold)
+        done = set(cache.case_ids(labeled=True))
+        tr = [c for c in tr if c in done]
+        if tr:
+            tr = label_subset(tr, label_fraction, seed=seed)
+        train += [cache.case(c) for c in tr]
+        val += [cache.case(c) for c in va if c in done]
+        labels = labels or cache.labels
+        pairs = pairs or cache.lateral_pairs
+    if not train:
+        raise MedmimError("fine-tuning needs labeled cases: data.path holds fewer than 2 labeled cases")
+    return RunCases(train, val, labels, pairs, _channels(caches))
+
+
+def _channels(caches: list[Cache]) -> int:
+    chans = {max(1, len(c.manifest.get("dataset", {}).get("modalities", []) or [""])) for c in caches}
+    if len(chans) > 1:
+        raise MedmimError(f"data.path mixes datasets with different channel counts {sorted(chans)}")
+    return chans.pop()

@@ -1,0 +1,89 @@
+"""PNG previews a person can read: orthogonal slices through the middle of a crop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _slices(vol: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal and sagittal slices through the centre of a RAS volume [X, Y, Z], oriented for display."""
+    cx, cy, cz = (s // 2 for s in vol.shape)
+    return [np.rot90(vol[:, :, cz]), np.rot90(vol[:, cy, :]), np.rot90(vol[cx, :, :])]
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float32)
+
+
+def _figure(rows: list[tuple[str, list[np.ndarray], dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, len(rows), figsize=(2.6 * len(rows), 7.2), squeeze=False)
+    for col, (title, views, kw) in enumerate(rows):
+        for r, view in enumerate(views):
+            ax = axes[r][col]
+            ax.imshow(view, **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=10)
+    for r, name in enumerate(("axial", "coronal", "sagittal")):
+        axes[r][0].set_ylabel(name)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_mim_preview(path: Path, image, mask, recon) -> Path:
+    """input | masked input | reconstruction (visible voxels from the input) | target. Arrays [X, Y, Z]."""
+    x, m, p = _np(image), _np(mask), _np(recon)
+    lo, hi = float(np.percentile(x, 1)), float(np.percentile(x, 99)) + 1e-6
+    gray = {"cmap": "gray", "vmin": lo, "vmax": hi}
+    import matplotlib
+
+    shown_masked = dict(gray, cmap=matplotlib.colormaps["gray"].with_extremes(bad="#3b6ea8"))  # masked: blue
+    masked = np.where(m > 0.5, np.nan, x)
+    blended = np.where(m > 0.5, p, x)
+    return _figure([("input", _slices(x), gray), ("masked", _slices(masked), shown_masked),
+                    ("reconstruction", _slices(blended), gray), ("prediction (all)", _slices(p), gray)], path)
+
+
+def save_finetune_preview(path: Path, image, label, pred, labels: dict[int, str] | None = None) -> Path:
+    """image | ground truth overlay | prediction overlay. Arrays [X, Y, Z]."""
+    x, y, p = _np(image), _np(label), _np(pred)
+    gray = {"cmap": "gray"}
+    n = int(max(y.max(), p.max(), 1))
+    over = {"cmap": "tab20", "vmin": 0, "vmax": max(n, 19), "interpolation": "nearest"}
+
+    def overlay(lab):
+        return [np.ma.masked_where(v == 0, v) for v in _slices(lab)]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 3, figsize=(7.8, 7.2))
+    for r, (xi, yi, pi) in enumerate(zip(_slices(x), overlay(y), overlay(p))):
+        for c, (title, lab) in enumerate((("image", None), ("ground truth", yi), ("prediction", pi))):
+            ax = axes[r][c]
+            ax.imshow(xi, **gray)
+            if lab is not None:
+                ax.imshow(lab, alpha=0.55, **over)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
