@@ -316,8 +316,9 @@ class Trainer:
             logits = self.ddp_model(x)
             return self.loss_fn(logits.float(), y), (x, y, logits)
         if self.cfg.pretrain.method == "simclr":
-            out = self.ddp_model(batch["view1"].to(dev, non_blocking=nb), batch["view2"].to(dev, non_blocking=nb))
-            return out.loss, out
+            v1, v2 = batch["view1"].to(dev, non_blocking=nb), batch["view2"].to(dev, non_blocking=nb)
+            out = self.ddp_model(v1, v2)
+            return out.loss, (v1, v2)
         x = batch["image"].to(dev, non_blocking=nb)
         out = self.ddp_model(x)
         return out.loss, (x, out)
@@ -376,6 +377,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            lr_used = self.optimizer.param_groups[0]["lr"]  # the lr of this step, logged with it
             self.scheduler.step()
             self.step += 1
             if env.device.type == "cuda":
@@ -386,9 +388,10 @@ class Trainer:
             window["wait"] += wait
             window["busy"] += dt
             window["crops"] += crops_per_step
+            window["lr"] = lr_used
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_used:.2e}",
                                 crops_s=f"{window['crops'] / max(window['busy'], 1e-9):.1f}")
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 self._log_train(window, t_start)
@@ -422,7 +425,7 @@ class Trainer:
         if self.env.main:
             self.metrics.write({"step": self.step, "epoch": f"{self.step / self.steps_per_epoch:.3f}",
                                 "time_s": f"{time.perf_counter() - t_start:.2f}",
-                                "lr": self.scheduler.get_last_lr()[0], "loss": loss,
+                                "lr": w.get("lr", float("nan")), "loss": loss,
                                 "crops_per_s": w["crops"] / max(w["busy"], 1e-9),
                                 "data_wait_frac": w["wait"] / max(w["busy"], 1e-9)})
 
@@ -496,13 +499,16 @@ class Trainer:
 
     # -- previews --
     def _preview(self, out) -> None:
-        from medmim.train.preview import save_finetune_preview, save_mim_preview
+        from medmim.train.preview import save_finetune_preview, save_mim_preview, save_views_preview
 
         path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
         if self.cfg.task == "finetune":
             x, y, logits = out
             save_finetune_preview(path, x[0, 0], y[0, 0], logits[0].argmax(0), self.cases.labels)
-        elif self.cfg.pretrain.method != "simclr":
+        elif self.cfg.pretrain.method == "simclr":
+            v1, v2 = out
+            save_views_preview(path, v1[0, 0], v2[0, 0])
+        else:
             x, o = out
             save_mim_preview(path, x[0, 0], o.mask[0, 0], o.pred[0, 0])
 

@@ -87,3 +87,12 @@ def save_finetune_preview(path: Path, image, label, pred, labels: dict[int, str]
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def save_views_preview(path: Path, view1, view2) -> Path:
+    """The two augmented views a contrastive step compares. Arrays [X, Y, Z]."""
+    a, b = _np(view1), _np(view2)
+    lo = float(min(np.percentile(a, 1), np.percentile(b, 1)))
+    hi = float(max(np.percentile(a, 99), np.percentile(b, 99))) + 1e-6
+    gray = {"cmap": "gray", "vmin": lo, "vmax": hi}
+    return _figure([("view 1", _slices(a), gray), ("view 2", _slices(b), gray)], path)
