@@ -1,0 +1,90 @@
+"""Models: the ViT3D encoder, the three pretrainers (MAE, SimMIM, SimCLR), UNETR, and weight transfer.
+
+Every class has a plain keyword-argument constructor; the ``build_*`` functions below make them from
+the typed config (:mod:`medmim.config`). Models know nothing of files or the CLI, except
+:mod:`medmim.models.transfer`, whose job is weights in and out.
+
+    encoder = build_encoder(cfg.model)          # ViT3D
+    pretrainer = build_pretrainer(cfg)          # MAE3D | SimMIM3D | SimCLR3D, per cfg.pretrain.method
+    unetr = build_unetr(cfg.model)              # UNETR (weights: transfer.load_pretrained)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from medmim.models.mae import MAE3D
+from medmim.models.masking import MIMOutput, TokenMask, mask_to_image, random_masking
+from medmim.models.simclr import ContrastiveOutput, SimCLR3D
+from medmim.models.simmim import SimMIM3D
+from medmim.models.transfer import (
+    Checkpoint,
+    TransferReport,
+    encoder_to_monai_vit,
+    load_encoder,
+    load_pretrained,
+    load_weights,
+    monai_to_encoder,
+    read_checkpoint,
+    save_weights,
+)
+from medmim.models.unetr import UNETR
+from medmim.models.vit import ViT3D
+
+if TYPE_CHECKING:
+    from medmim.config import Config, ModelConfig
+
+__all__ = [
+    "MAE3D", "SimMIM3D", "SimCLR3D", "UNETR", "ViT3D",
+    "MIMOutput", "ContrastiveOutput", "TokenMask", "random_masking", "mask_to_image",
+    "TransferReport", "Checkpoint", "load_encoder", "load_pretrained", "read_checkpoint", "save_weights",
+    "load_weights", "encoder_to_monai_vit", "monai_to_encoder",
+    "build_encoder", "build_pretrainer", "build_unetr", "count_parameters",
+]
+
+
+def build_encoder(model_cfg: "ModelConfig") -> ViT3D:
+    """The ViT3D of ``cfg.model``."""
+    return ViT3D(
+        in_channels=model_cfg.in_channels,
+        img_size=model_cfg.img_size,
+        patch_size=model_cfg.patch_size,
+        hidden_size=model_cfg.hidden_size,
+        num_layers=model_cfg.num_layers,
+        num_heads=model_cfg.num_heads,
+        mlp_dim=model_cfg.mlp_dim,
+        pos_embed=model_cfg.pos_embed,
+        dropout=model_cfg.dropout,
+        qkv_bias=model_cfg.qkv_bias,
+    )
+
+
+def build_pretrainer(cfg: "Config") -> MAE3D | SimMIM3D | SimCLR3D:
+    """The pretrainer of ``cfg.pretrain.method`` on the encoder of ``cfg.model``."""
+    p = cfg.pretrain
+    encoder = build_encoder(cfg.model)
+    if p.method == "simclr":
+        return SimCLR3D(encoder=encoder, proj_dim=p.proj_dim, temperature=p.temperature)
+    mim = dict(encoder=encoder, mask_ratio=p.mask_ratio, mask_patch_size=p.mask_patch_size, decoder_dim=p.decoder_dim,
+               decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads, loss=p.loss,
+               norm_pix_loss=p.norm_pix_loss)
+    if p.method == "mae":
+        return MAE3D(**mim)
+    return SimMIM3D(**mim)
+
+
+def build_unetr(model_cfg: "ModelConfig") -> UNETR:
+    """UNETR on the encoder of ``cfg.model``, randomly initialised.
+
+    ``model_cfg.pretrained`` is not read here: call
+    ``transfer.load_pretrained(unetr, model_cfg.pretrained, partial=model_cfg.partial_load)`` and log its report.
+    """
+    return UNETR(encoder=build_encoder(model_cfg), num_classes=model_cfg.num_classes,
+                 feature_size=model_cfg.feature_size)
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameter elements (buffers such as a sin-cos table are not parameters)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

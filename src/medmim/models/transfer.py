@@ -1,0 +1,530 @@
+"""Weights in and out: pretrained encoders into UNETR, MONAI interop, safe checkpoint files.
+
+* :func:`load_pretrained` / :func:`load_encoder` put the encoder of an MAE, SimMIM, SimCLR (or UNETR,
+  or MONAI ViT / UNETR / ViTAutoEnc / MaskedAutoEncoderViT) checkpoint into a :class:`ViT3D` and return
+  a :class:`TransferReport` of what was loaded, missing and ignored. A wrong shape, or an encoder that
+  would load only in part, raises :class:`MedmimError` (the latter unless ``partial=True``): there is
+  no silent partial load.
+* :func:`encoder_to_monai_vit` / :func:`monai_to_encoder` translate state dicts between medmim's ViT3D
+  and ``monai.networks.nets.ViT`` (``proj_type="conv"``, ``classification=False``).
+* :func:`save_weights` / :func:`load_weights` write and read safetensors with the config as JSON in the
+  metadata; :func:`read_checkpoint` reads those or ``torch.save`` files with ``weights_only=True``. No
+  file is ever unpickled into arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medmim.errors import MedmimError
+from medmim.models.layers import interpolate_pos_embed
+from medmim.models.vit import ViT3D
+
+Tensor = torch.Tensor
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransferReport:
+    """What an encoder transfer did, tensor by tensor.
+
+    loaded: encoder tensors (ViT3D names) taken from the checkpoint.
+    missing: encoder tensors the model expects and the checkpoint lacks (kept at their initialisation).
+    ignored: checkpoint tensors (checkpoint names) not used: decoders, heads, mask tokens, ...
+    unused_encoder: the ignored ones that belong to the checkpoint's encoder (a deeper encoder's extra
+        blocks): the pretrained encoder would not come over whole.
+    recomputed: encoder tensors rebuilt rather than loaded (a sin-cos ``pos_embed``).
+    interpolated: encoder tensors resized to the new token grid (a learnable ``pos_embed``).
+    expected: every encoder tensor name of the model.
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    recomputed: list[str] = field(default_factory=list)
+    interpolated: list[str] = field(default_factory=list)
+    expected: list[str] = field(default_factory=list)
+    unused_encoder: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every encoder tensor was loaded (or, for a sin-cos table, recomputed) and every
+        encoder tensor of the checkpoint was used."""
+        return not self.missing and not self.unused_encoder
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        n = len(self.expected)
+        if self.complete:
+            head = f"encoder from {self.source}: all {n} encoder tensors loaded"
+        else:
+            head = f"encoder from {self.source}: PARTIAL load, {len(self.loaded)} of {n} encoder tensors loaded"
+        if self.recomputed:
+            head += f" ({', '.join(self.recomputed)} recomputed)"
+        lines = [head]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}, left at initialisation): {_compact(self.missing)}")
+        if self.unused_encoder:
+            lines.append(f"  checkpoint encoder tensors with no place in the model ({len(self.unused_encoder)}): "
+                         f"{_compact(self.unused_encoder)}")
+        if self.interpolated:
+            lines.append(f"  interpolated: {', '.join(self.interpolated)}")
+        if self.ignored:
+            lines.append(f"  ignored ({len(self.ignored)} checkpoint tensors): {_compact(self.ignored)}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _compact(names: Sequence[str]) -> str:
+    """Group names by module: 'blocks.2.norm1.weight', ... 'blocks.3.mlp.fc2.bias' -> 'blocks.[2-3].* (24)'."""
+    groups: dict[str, tuple[set[int], list[str]]] = {}
+    for name in names:
+        m = re.match(r"(.+?)\.(\d+)\.", name)
+        stem, index = (m.group(1), int(m.group(2))) if m else (name.rpartition(".")[0] or name, None)
+        indices, members = groups.setdefault(stem, (set(), []))
+        if index is not None:
+            indices.add(index)
+        members.append(name)
+    parts = []
+    for stem, (indices, members) in groups.items():
+        if indices:
+            parts.append(f"{stem}.[{_ranges(sorted(indices))}].* ({len(members)})")
+        elif len(members) == 1:
+            parts.append(members[0])
+        else:
+            parts.append(f"{stem}.* ({len(members)})")
+    return ", ".join(parts)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'"""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """Weights read from a file: a flat state dict and the config it was made with (if stored)."""
+
+    state: dict[str, Tensor]
+    config: dict | None
+    source: str
+
+
+def _config_dict(config: Any) -> dict | None:
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if hasattr(config, "model_dump"):
+        return config.model_dump(mode="json")
+    if isinstance(config, str):
+        try:
+            return json.loads(config)
+        except json.JSONDecodeError:
+            import yaml
+
+            return yaml.safe_load(config)
+    return dict(config)
+
+
+def save_weights(path: str | os.PathLike, weights: nn.Module | Mapping[str, Tensor], *, config: Any = None) -> Path:
+    """Write a safetensors file; ``config`` (a Config, or a JSON-able mapping) goes in the metadata as JSON.
+
+    The file is written next to its destination and renamed, so a crash never leaves half a file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = weights.state_dict() if isinstance(weights, nn.Module) else dict(weights)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    metadata = {"format": "pt", "producer": "medmim"}
+    cfg = _config_dict(config)
+    if cfg is not None:
+        metadata["config"] = json.dumps(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
+    """Read a safetensors file -> (state dict on CPU, config dict from the metadata or None)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedmimError(f"{path}: weights file not found")
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MedmimError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e})")
+    config = None
+    if "config" in metadata:
+        try:
+            config = json.loads(metadata["config"])
+        except json.JSONDecodeError:
+            raise MedmimError(f"{path}: the config stored in the safetensors metadata is not valid JSON")
+    return state, config
+
+
+_STATE_KEYS = ("model", "state_dict", "model_state", "module", "weights")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read weights from ``.safetensors`` or a ``torch.save`` file (loaded with ``weights_only=True``).
+
+    A torch file may hold a state dict, or a dict with the state under one of ``model``, ``state_dict``,
+    ``model_state``, ``module``, ``weights`` and optionally the config under ``config``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedmimError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        state, config = load_weights(path)
+        return Checkpoint(state=state, config=config, source=str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a plain-weights file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise MedmimError(f"{path}: not a weights-only checkpoint (medmim never unpickles objects): {first}")
+    if not isinstance(obj, Mapping):
+        raise MedmimError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    config = _config_dict(obj.get("config")) if isinstance(obj.get("config"), (Mapping, str)) else None
+    state = obj
+    for key in _STATE_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            state = obj[key]
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise MedmimError(f"{path}: no tensors found (looked at the top level and under {', '.join(_STATE_KEYS)})")
+    return Checkpoint(state=tensors, config=config, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# MONAI interop
+# ---------------------------------------------------------------------------------------------
+
+# medmim ViT3D name -> MONAI ViT name (blocks.{i}. prefixes are added for the per-block ones)
+_TOP_TO_MONAI = {
+    "patch_embed.proj.weight": "patch_embedding.patch_embeddings.weight",
+    "patch_embed.proj.bias": "patch_embedding.patch_embeddings.bias",
+    "pos_embed": "patch_embedding.position_embeddings",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+}
+_BLOCK_TO_MONAI = {
+    "norm1": "norm1",
+    "attn.qkv": "attn.qkv",
+    "attn.proj": "attn.out_proj",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.linear1",
+    "mlp.fc2": "mlp.linear2",
+}
+_MONAI_ANCHOR = "patch_embedding.patch_embeddings.weight"
+_MEDMIM_ANCHOR = "patch_embed.proj.weight"
+
+
+def _strip_wrappers(key: str) -> str:
+    # DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") add these to every key
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _prefix_of(state: Mapping[str, Tensor], anchor: str) -> str | None:
+    """The prefix under which ``anchor`` sits in ``state`` ("" or "something."), or None."""
+    for key in state:
+        if key == anchor or key.endswith("." + anchor):
+            return key[: len(key) - len(anchor)]
+    return None
+
+
+def encoder_to_monai_vit(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A medmim encoder state dict -> a state dict for ``monai.networks.nets.ViT``.
+
+    ``state`` is a :class:`ViT3D` state dict, or any state holding one under a prefix (a pretrainer's
+    ``encoder.``, UNETR's ``vit.``). The result loads with ``strict=True`` into
+    ``ViT(in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads, proj_type="conv",
+    pos_embed_type=<any>, classification=False, qkv_bias=<as the encoder>)`` and into ``.vit`` of a MONAI
+    ``UNETR`` with the same settings, and computes the same features and hidden states:
+
+    * the patch embedding's Conv3d kernel is stored as such (medmim applies it as a Linear);
+    * ``pos_embed [1, L, E]`` becomes ``patch_embedding.position_embeddings`` (MONAI keeps it in the state
+      dict for every ``pos_embed_type``, a frozen parameter for ``"sincos"``; values are the same table);
+    * MONAI's ``TransformerBlock`` always owns a ``norm_cross_attn`` LayerNorm, unused without cross
+      attention; it is exported as an identity LayerNorm.
+    """
+    prefix = _prefix_of(state, _MEDMIM_ANCHOR)
+    if prefix is None:
+        raise MedmimError(f"no medmim encoder in this state dict (no '{_MEDMIM_ANCHOR}' key)")
+    enc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out: dict[str, Tensor] = {}
+    blocks: set[int] = set()
+    for key, value in enc.items():
+        if key in _TOP_TO_MONAI:
+            out[_TOP_TO_MONAI[key]] = value
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m is None or m.group(2) not in _BLOCK_TO_MONAI:
+            raise MedmimError(f"unexpected encoder tensor '{prefix}{key}': not a medmim ViT3D state dict")
+        i, part, kind = int(m.group(1)), m.group(2), m.group(3)
+        out[f"blocks.{i}.{_BLOCK_TO_MONAI[part]}.{kind}"] = value
+        blocks.add(i)
+    for i in sorted(blocks):
+        width = out[f"blocks.{i}.norm1.weight"]
+        out[f"blocks.{i}.norm_cross_attn.weight"] = torch.ones_like(width)
+        out[f"blocks.{i}.norm_cross_attn.bias"] = torch.zeros_like(width)
+    return out
+
+
+def _from_monai(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """MONAI ViT-family state -> (ViT3D state, MONAI keys not used)."""
+    prefix = _prefix_of(state, _MONAI_ANCHOR)
+    if prefix is None:
+        if any(k.endswith("patch_embedding.patch_embeddings.1.weight") for k in state):
+            raise MedmimError("MONAI ViT with proj_type='perceptron' is not supported; use proj_type='conv'")
+        raise MedmimError(f"no MONAI ViT in this state dict (no '{_MONAI_ANCHOR}' key)")
+    from_monai = {v: k for k, v in _TOP_TO_MONAI.items()}
+    block_from_monai = {v: k for k, v in _BLOCK_TO_MONAI.items()}
+    out: dict[str, Tensor] = {}
+    ignored: list[str] = []
+    for key, value in state.items():
+        local = key[len(prefix):] if key.startswith(prefix) else None
+        if local is None:
+            ignored.append(key)
+        elif local in from_monai:
+            out[from_monai[local]] = value
+        elif m := re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", local):
+            part = m.group(2)
+            if part in block_from_monai:
+                out[f"blocks.{m.group(1)}.{block_from_monai[part]}.{m.group(3)}"] = value
+            else:
+                ignored.append(key)  # norm_cross_attn (unused by MONAI without cross attention), ...
+        elif m := re.fullmatch(r"blocks\.(\d+)\.(weight|bias)", local):
+            # MaskedAutoEncoderViT keeps its final LayerNorm as the last entry of `blocks`
+            out[f"norm.{m.group(2)}"] = value
+        else:
+            ignored.append(key)  # cls_token, decoders, UNETR's convolutional side, ...
+    return out, ignored
+
+
+def monai_to_encoder(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A MONAI ``ViT`` / ``ViTAutoEnc`` / ``MaskedAutoEncoderViT`` / ``UNETR`` (keys under ``vit.``) state dict
+    -> a :class:`ViT3D` state dict. Tensors that are not part of the encoder are dropped (use
+    :func:`load_encoder` for a report of them)."""
+    return _from_monai({_strip_wrappers(k): v for k, v in state.items()})[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder transfer
+# ---------------------------------------------------------------------------------------------
+
+
+# names of ViT3D tensors, to tell an encoder's leftovers from a decoder's or a head's
+_ENCODER_NAME = re.compile(r"(blocks\.\d+\.|patch_embed\.|pos_embed$|norm\.(weight|bias)$)")
+
+
+def _best_prefix(keys: Sequence[str], expected: Sequence[str]) -> str:
+    """The prefix ("", "encoder.", "vit.", ...) under which most expected encoder names appear."""
+    votes: dict[str, int] = {}
+    for key in keys:
+        for name in expected:
+            if key == name or key.endswith("." + name):
+                prefix = key[: len(key) - len(name)]
+                votes[prefix] = votes.get(prefix, 0) + 1
+    return max(votes, key=lambda p: (votes[p], -len(p))) if votes else ""
+
+
+def _grid_from_config(config: Mapping | None) -> tuple[int, int, int] | None:
+    if not config:
+        return None
+    model = config.get("model", config)
+    try:
+        img = model["img_size"]
+        patch = model["patch_size"]
+        img = [img] * 3 if isinstance(img, int) else list(img)
+        patch = [patch] * 3 if isinstance(patch, int) else list(patch)
+        return tuple(int(s) // int(p) for s, p in zip(img, patch))  # type: ignore[return-value]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _source_grid(num_tokens: int, target_grid: Sequence[int], source_grid: Sequence[int] | None,
+                 config: Mapping | None, source: str, notes: list[str]) -> tuple[int, int, int]:
+    """The token grid a checkpoint's position table was made for."""
+    for grid in (source_grid, _grid_from_config(config)):
+        if grid is not None:
+            if math.prod(grid) != num_tokens:
+                raise MedmimError(f"{source}: pos_embed has {num_tokens} tokens but the pretraining grid "
+                                  f"{list(grid)} has {math.prod(grid)}")
+            return tuple(grid)  # type: ignore[return-value]
+    if math.prod(target_grid) == num_tokens:
+        notes.append(f"pos_embed: pretraining grid unknown (no config in the checkpoint); its {num_tokens} tokens "
+                     f"were taken as the fine-tuning grid {list(target_grid)}")
+        return tuple(target_grid)  # type: ignore[return-value]
+    side = round(num_tokens ** (1 / 3))
+    if side ** 3 == num_tokens:
+        notes.append(f"pos_embed: pretraining grid unknown (no config in the checkpoint); {num_tokens} tokens "
+                     f"taken as a cube {[side] * 3}")
+        return (side, side, side)
+    raise MedmimError(f"{source}: cannot tell the token grid of pos_embed ({num_tokens} tokens); the checkpoint "
+                      "stores no config with model.img_size/model.patch_size")
+
+
+def load_encoder(
+    encoder: ViT3D,
+    state: Mapping[str, Tensor],
+    *,
+    partial: bool = False,
+    source: str = "checkpoint",
+    source_grid: Sequence[int] | None = None,
+    config: Mapping | None = None,
+) -> TransferReport:
+    """Load the encoder part of ``state`` into ``encoder``; return what was loaded, missing and ignored.
+
+    Args:
+        encoder: the target ViT3D (e.g. ``unetr.vit``).
+        state: a state dict of a ViT3D, an MAE/SimMIM/SimCLR pretrainer (``encoder.``), a UNETR (``vit.``),
+            or a MONAI ViT-family model.
+        partial: allow an encoder that loads only in part (the report lists what is missing).
+        source: a name for messages (the checkpoint path).
+        source_grid, config: the pretraining token grid, or the config the checkpoint was made with, to
+            interpolate a learnable position table when the fine-tuning grid differs.
+
+    Raises:
+        MedmimError: an encoder tensor of the wrong shape; an encoder that would load only in part
+            (unless ``partial``); no encoder tensor at all.
+    """
+    expected = encoder.state_dict()
+    names = list(expected)
+    state = {_strip_wrappers(k): v for k, v in state.items()}
+    report = TransferReport(source=source, expected=names)
+    if _prefix_of(state, _MONAI_ANCHOR) is not None and _prefix_of(state, _MEDMIM_ANCHOR) is None:
+        state, monai_ignored = _from_monai(state)
+        report.ignored += monai_ignored
+        report.notes.append("converted from MONAI ViT names")
+    prefix = _best_prefix(list(state), names)
+
+    to_load: dict[str, Tensor] = {}
+    wrong: list[str] = []
+    used: set[str] = set()
+    for name, target in expected.items():
+        key = prefix + name
+        if name == "pos_embed" and encoder.pos_embed_type == "sincos":
+            # a fixed table is a function of the grid: rebuild it rather than trust the file
+            report.recomputed.append(name)
+            if key in state:
+                used.add(key)
+                if ((config or {}).get("model") or {}).get("pos_embed") == "learnable":
+                    report.notes.append("the checkpoint's learned pos_embed is not used: this model's position "
+                                        "embedding is sin-cos (pos_embed='sincos')")
+            continue
+        if key not in state:
+            report.missing.append(name)
+            continue
+        value = state[key]
+        used.add(key)
+        if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == target.shape[-1]:
+            # the same number of tokens may still be another grid (4x4x6 vs 6x4x4): compare grids
+            old = _source_grid(value.shape[1], encoder.grid, source_grid, config, source, report.notes)
+            if old != encoder.grid:
+                value = interpolate_pos_embed(value, old, encoder.grid)
+                report.interpolated.append(f"pos_embed {list(old)} -> {list(encoder.grid)} (trilinear)")
+        if value.shape != target.shape:
+            wrong.append(f"{key} {list(value.shape)} (model: {list(target.shape)})")
+            continue
+        to_load[name] = value
+        report.loaded.append(name)
+    report.ignored += [k for k in state if k not in used]
+    report.unused_encoder = [k for k in state if k not in used and k.startswith(prefix)
+                             and _ENCODER_NAME.match(k[len(prefix):])]
+
+    if wrong:
+        raise MedmimError(f"{source}: {len(wrong)} encoder tensor(s) have the wrong shape: {'; '.join(wrong[:4])}"
+                          f"{' ...' if len(wrong) > 4 else ''} (pretrained with another in_channels, patch_size, "
+                          "hidden_size or mlp_dim?)")
+    if not report.loaded:
+        raise MedmimError(f"{source}: no encoder tensor found in the checkpoint ({len(state)} tensors, none "
+                          "named like a ViT3D / MONAI ViT encoder)")
+    allow = "allow a partial load with partial=True (model.partial_load=true)"
+    if report.missing and not partial:
+        hint = ""
+        if all(n.endswith("attn.qkv.bias") for n in report.missing):
+            hint = " (the checkpoint has no qkv bias: build the encoder with qkv_bias=False)"
+        raise MedmimError(f"{source}: only {len(report.loaded)} of {len(names)} encoder tensors would load, "
+                          f"missing {_compact(report.missing)}{hint}; {allow}")
+    if report.unused_encoder and not partial:
+        raise MedmimError(f"{source}: the checkpoint's encoder does not fit whole, {len(report.unused_encoder)} of its "
+                          f"tensors have no place in the model ({_compact(report.unused_encoder)}: a deeper "
+                          f"encoder?); {allow}")
+
+    result = encoder.load_state_dict(to_load, strict=False)
+    # a bug guard: what load_state_dict left untouched is exactly what the report says
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert set(result.missing_keys) == set(report.missing) | set(report.recomputed), result.missing_keys
+    return report
+
+
+def _find_encoder(model: nn.Module) -> ViT3D:
+    if isinstance(model, ViT3D):
+        return model
+    for attr in ("vit", "encoder"):
+        enc = getattr(model, attr, None)
+        if isinstance(enc, ViT3D):
+            return enc
+    raise TypeError(f"{type(model).__name__} has no ViT3D encoder (.vit or .encoder)")
+
+
+def load_pretrained(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Checkpoint | Mapping[str, Tensor],
+    *,
+    partial: bool = False,
+) -> TransferReport:
+    """Initialise the encoder of ``model`` (a UNETR, a pretrainer or a ViT3D) from a checkpoint.
+
+    ``checkpoint`` is a path (``.safetensors`` or a torch file, read safely), a :class:`Checkpoint`, or a
+    state dict. See :func:`load_encoder` for what is reported and what raises.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint)
+    if isinstance(checkpoint, Checkpoint):
+        state, config, source = checkpoint.state, checkpoint.config, checkpoint.source
+    else:
+        state, config, source = checkpoint, None, "state dict"
+    return load_encoder(_find_encoder(model), state, partial=partial, source=source, config=config)

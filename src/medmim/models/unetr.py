@@ -1,0 +1,111 @@
+"""UNETR (Hatamizadeh et al. 2022) on medmim's :class:`ViT3D`, wired as ``monai.networks.nets.UNETR``
+from MONAI's own blocks.
+
+Skips. MONAI's UNETR reads ``hidden_states[3]``, ``[6]``, ``[9]`` (0-based: the outputs of blocks 4, 7, 10)
+and the final normed output of a 12-block ViT. For a ViT of any depth ``L >= 4`` we keep the spacing
+``s = L // 4``: skips are ``hidden_states[s]``, ``[2s]``, ``[3s]`` plus the final output, which is exactly
+MONAI's choice at ``L = 12`` (and blocks 2, 3, 4 of a 4-block ViT).
+
+Patch sizes. The decoder has MONAI's four stages. With 16^3 patches every stage upsamples by 2; the
+ViT skips are brought up by 1, 2 and 3 transposed convolutions of stride 2 (``UnetrPrUpBlock`` uses
+one stride for all of its layers). For another patch size ``p`` (per axis) we keep the three x2 stages
+and let the last stage (``decoder2``, which meets the full-resolution ``encoder1`` skip) upsample by
+``p / 8``. So **each axis of patch_size must be a multiple of 8** (8, 16, 24, 32, ...): patch 16 is
+MONAI's UNETR exactly, patch 8 makes the last stage a 1x1x1 transposed convolution (``encoder2`` then
+sits at full resolution), patch 32 makes it x4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medmim.errors import MedmimError
+from medmim.models.vit import ViT3D
+
+
+def unetr_skip_layers(num_layers: int) -> tuple[int, int, int]:
+    """0-based indices of the hidden states UNETR uses as skips: (s, 2s, 3s) with s = num_layers // 4."""
+    if num_layers < 4:
+        raise MedmimError(f"UNETR needs a ViT of at least 4 layers (num_layers={num_layers})")
+    s = num_layers // 4
+    return (s, 2 * s, 3 * s)
+
+
+def unetr_last_upsample(patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """Upsampling factor of UNETR's last decoder stage per axis: patch / 8 (patch must be a multiple of 8)."""
+    if any(p % 8 for p in patch_size):
+        raise MedmimError(
+            f"UNETR needs each axis of patch_size to be a multiple of 8 (three x2 decoder stages then one of "
+            f"patch/8), got {list(patch_size)}")
+    return tuple(p // 8 for p in patch_size)  # type: ignore[return-value]
+
+
+class UNETR(nn.Module):
+    """UNETR segmentation network.
+
+    Args:
+        encoder: the :class:`ViT3D` (its patch size: a multiple of 8 per axis; its depth: >= 4).
+        num_classes: output channels (classes including background).
+        feature_size: width of the convolutional decoder's finest stage (16 in the paper).
+        norm_name: normalisation of the convolution blocks (MONAI's name, e.g. ``"instance"``, ``"batch"``).
+        conv_block, res_block: as in MONAI's UNETR.
+
+    Input ``x: [N, C, D, H, W]``, each spatial size a multiple of the patch size; output logits
+    ``[N, num_classes, D, H, W]``. The encoder's state dict lives under ``vit.`` (as in MONAI).
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: ViT3D,
+        num_classes: int = 14,
+        feature_size: int = 16,
+        norm_name: tuple | str = "instance",
+        conv_block: bool = True,
+        res_block: bool = True,
+    ):
+        # imported here: MONAI takes seconds to import, and only UNETR needs it
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+        super().__init__()
+        self.vit = encoder
+        self.skip_layers = unetr_skip_layers(encoder.num_layers)
+        last_up = unetr_last_upsample(encoder.patch_size)
+        hidden, f, c_in = encoder.hidden_size, feature_size, encoder.in_channels
+        common = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=res_block)
+        pr_up = dict(common, stride=1, upsample_kernel_size=2, conv_block=conv_block)
+
+        # encoder side: the image itself, and three ViT skips upsampled x8, x4, x2 from the token grid
+        self.encoder1 = UnetrBasicBlock(in_channels=c_in, out_channels=f, stride=1, **common)
+        self.encoder2 = UnetrPrUpBlock(in_channels=hidden, out_channels=f * 2, num_layer=2, **pr_up)
+        self.encoder3 = UnetrPrUpBlock(in_channels=hidden, out_channels=f * 4, num_layer=1, **pr_up)
+        self.encoder4 = UnetrPrUpBlock(in_channels=hidden, out_channels=f * 8, num_layer=0, **pr_up)
+        # decoder side: three x2 stages, then one of patch / 8
+        self.decoder5 = UnetrUpBlock(in_channels=hidden, out_channels=f * 8, upsample_kernel_size=2, **common)
+        self.decoder4 = UnetrUpBlock(in_channels=f * 8, out_channels=f * 4, upsample_kernel_size=2, **common)
+        self.decoder3 = UnetrUpBlock(in_channels=f * 4, out_channels=f * 2, upsample_kernel_size=2, **common)
+        self.decoder2 = UnetrUpBlock(in_channels=f * 2, out_channels=f, upsample_kernel_size=last_up, **common)
+        self.out = UnetOutBlock(spatial_dims=3, in_channels=f, out_channels=num_classes)
+
+    def proj_feat(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """tokens [N, L, E] -> feature map [N, E, gd, gh, gw]"""
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, C, D, H, W] -> logits [N, num_classes, D, H, W]"""
+        grid = [s // p for s, p in zip(x.shape[2:], self.vit.patch_size)]
+        z, hidden = self.vit(x, return_hidden=True)  # z: [N, L, E] (normed), hidden: num_layers x [N, L, E]
+        a, b, c = self.skip_layers
+        enc1 = self.encoder1(x)  # [N, f, D, H, W]
+        enc2 = self.encoder2(self.proj_feat(hidden[a], grid))  # [N, 2f, ...]
+        enc3 = self.encoder3(self.proj_feat(hidden[b], grid))  # [N, 4f, ...]
+        enc4 = self.encoder4(self.proj_feat(hidden[c], grid))  # [N, 8f, ...]
+        dec4 = self.proj_feat(z, grid)  # [N, E, gd, gh, gw]
+        dec3 = self.decoder5(dec4, enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        out = self.decoder2(dec1, enc1)
+        return self.out(out)
