@@ -27,7 +27,7 @@ def _echo_err(msg: str) -> None:
 def cli() -> None:
     """medmim: masked image modeling (MAE, SimMIM) pretraining of 3D medical images and UNETR fine-tuning.
 
-    Stages: `data` (check, phantom, prepare, split), `pretrain`, `finetune`; `config` (list, show).
+    Stages: `data` (check, phantom, prepare, split), `pretrain`, `finetune`, `predict`, `evaluate`; `config` (list, show).
     """
 
 
@@ -169,6 +169,76 @@ def finetune(source: str, overrides: tuple[str, ...]) -> None:
     checkpoint or a MONAI state dict). OVERRIDES are key=value, as for pretrain.
     """
     _train("finetune", source, overrides)
+
+
+# --- inference and evaluation -----------------------------------------------------------------
+
+def _predict_options(f):
+    opts = [
+        click.option("--sw-batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward pass."),
+        click.option("--overlap", type=click.FloatRange(0.0, 0.95), default=0.5, show_default=True, help="Sliding-window overlap."),
+        click.option("--tta", is_flag=True, help="Average over mirrored copies (left-right labels swapped back)."),
+        click.option("--lcc", is_flag=True, help="Keep each organ's largest connected component."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--stitch-device", type=click.Choice(["cpu", "cuda"]), default=None,
+                     help="Where windows are blended (cpu saves GPU memory on large scans)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _options(sw_batch_size, overlap, tta, lcc, precision, device, stitch_device):
+    from medmim.eval.inference import PredictOptions
+
+    return PredictOptions(sw_batch_size=sw_batch_size, overlap=overlap, tta=tta, lcc=lcc, precision=precision,
+                          device=device, stitch_device=stitch_device)
+
+
+@cli.command("predict")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path), help="A fine-tuned UNETR checkpoint.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Folder for CASE.nii.gz label maps.")
+@click.argument("inputs", nargs=-1, required=True)
+@_predict_options
+def predict(checkpoint: Path, out: Path, inputs: tuple[str, ...], **kw) -> None:
+    """Segment INPUTS (image files, DICOM series folders, or datasets) in their original geometry.
+
+    The preprocessing is the one the model was trained with (read from the checkpoint); each written
+    label map has its scan's shape and affine. A case that fails is reported and the rest go on.
+    """
+    from medmim.eval.evaluate import cases_from_inputs, predict_cases
+    from medmim.eval.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, _options(**kw))
+    cases = cases_from_inputs(list(inputs))
+    failed = predict_cases(predictor, cases, out, log=click.echo)
+    click.echo(f"{len(cases) - len(failed)} of {len(cases)} case(s) written to {out}")
+    if failed:
+        raise MedmimError(f"{len(failed)} case(s) failed: {', '.join(sorted(failed)[:5])}")
+
+
+@cli.command("evaluate")
+@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), default=None, help="A fine-tuned UNETR checkpoint.")
+@click.option("--predictions", type=click.Path(path_type=Path), default=None, help="Or: a folder of CASE.nii.gz predictions.")
+@click.option("--data", "-d", required=True, type=click.Path(path_type=Path), help="The labeled dataset.")
+@click.option("--split", type=click.Choice(["val", "all"]), default="val", show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+@_predict_options
+def evaluate_cmd(checkpoint, predictions, data, split, out, **kw) -> None:
+    """Dice and HD95 (mm) per case and class, in the original geometry; writes metrics.csv, metrics.md
+    and overlay PNGs to OUT.
+    """
+    from medmim.eval.evaluate import evaluate
+
+    ev = evaluate(data, out, checkpoint=str(checkpoint) if checkpoint else None,
+                  predictions=str(predictions) if predictions else None, split=split, options=_options(**kw),
+                  log=click.echo)
+    md = ev.mean_dice()
+    hd = ev.mean_hd95()
+    click.echo(f"mean Dice {md:.4f}" if md is not None else "mean Dice: no class scored", nl=False)
+    click.echo(f", mean HD95 {hd:.2f} mm" if hd is not None else "")
+    click.echo(f"wrote {out / 'metrics.csv'} and {out / 'metrics.md'}")
 
 
 # --- config ----------------------------------------------------------------------------------

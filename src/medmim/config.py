@@ -55,6 +55,9 @@ class DataConfig(_Section):
     cache_dtype: Literal["float16", "float32"] = "float16"
     cache_dir: str | None = None  # where raw datasets given in data.path are prepared (default $MEDMIM_CACHE or ~/.cache/medmim)
     prepare_workers: int = Field(2, ge=1)
+    # filled in from the dataset when a run starts, so a checkpoint knows its classes on its own
+    labels: dict[int, str] | None = None
+    lateral_pairs: list[tuple[int, int]] | None = None
 
     _norm_roi = field_validator("roi_size", "spacing", mode="before")(_triple)
 

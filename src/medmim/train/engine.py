@@ -202,6 +202,10 @@ class Trainer:
             self.cases: RunCases = pretrain_cases(caches, cfg.data.fold, t.seed)
         else:
             self.cases = finetune_cases(caches, cfg.data.fold, cfg.data.label_fraction, t.seed)
+        if cfg.data.labels is None and self.cases.labels:
+            cfg.data.labels = dict(self.cases.labels)
+        if cfg.data.lateral_pairs is None:
+            cfg.data.lateral_pairs = [tuple(p) for p in self.cases.lateral_pairs]
         if self.cases.channels != cfg.model.in_channels:
             raise MedmimError(f"model.in_channels={cfg.model.in_channels} but the data has {self.cases.channels} channel(s)")
         self.model = self._build_model()

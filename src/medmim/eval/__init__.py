@@ -1,0 +1,1 @@
+"""Evaluation stage: inference in original geometry, metrics, reports."""

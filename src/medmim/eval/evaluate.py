@@ -1,0 +1,137 @@
+"""`medmim predict` and `medmim evaluate`: whole scans in, label maps and honest numbers out."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medmim.data.datasets import Case, get_split, load_dataset
+from medmim.data.io import IMAGE_SUFFIXES, read_image, write_nifti
+from medmim.errors import MedmimError
+from medmim.eval.inference import PredictOptions, Predictor
+from medmim.eval.metrics import Evaluation, score_case
+
+
+def cases_from_inputs(inputs: list[str]) -> list[Case]:
+    """Files, DICOM series folders, or datasets (every case, labeled or not) -> cases to predict."""
+    cases: list[Case] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise MedmimError(f"{p}: no such file or folder")
+        is_dataset = p.is_file() and p.suffix == ".json" or p.is_dir() and (
+            (p / "dataset.json").is_file() or any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in p.iterdir()))
+        if is_dataset:
+            cases += [Case(c.case_id, c.images) for c in load_dataset(p).cases]
+        else:
+            name = p.name
+            for suf in IMAGE_SUFFIXES:
+                if name.lower().endswith(suf):
+                    name = name[: -len(suf)]
+            cases.append(Case(name, [p]))
+    seen = set()
+    for c in cases:
+        if c.case_id in seen:
+            raise MedmimError(f"two inputs share the case name '{c.case_id}'; their outputs would overwrite each other")
+        seen.add(c.case_id)
+    return cases
+
+
+def predict_cases(predictor: Predictor, cases: list[Case], out: Path, log=print) -> dict[str, str]:
+    """Write ``out/CASE.nii.gz`` for each case; returns {case: error} for those that failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    failed = {}
+    for n, case in enumerate(cases, 1):
+        try:
+            label, info = predictor.predict_case(case)
+            write_nifti(out / f"{case.case_id}.nii.gz", label, np.array(info["geometry"]["original_affine"]))
+            log(f"[{n}/{len(cases)}] {case.case_id}: {tuple(label.shape)} in {info['seconds']:.1f} s "
+                f"(inference {info['seconds_inference']:.1f} s)")
+        except MedmimError as e:
+            failed[case.case_id] = str(e)
+            log(f"[{n}/{len(cases)}] {case.case_id}: FAILED: {e}")
+    return failed
+
+
+def _window(image: np.ndarray, cfg) -> np.ndarray:
+    if cfg is not None and cfg.data.modality == "ct":
+        lo, hi = cfg.data.hu_window
+        return np.clip(image, lo, hi)
+    lo, hi = np.percentile(image, [1, 99])
+    return np.clip(image, lo, hi)
+
+
+def _overlay(path: Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, labels: dict[int, str]) -> None:
+    from medmim.train.preview import save_finetune_preview
+
+    # centre the slices on the ground truth's organs, where there is something to see
+    idx = np.argwhere(gt > 0)
+    if len(idx):
+        lo, hi = idx.min(0), idx.max(0) + 1
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        image, gt, pred = image[sl], gt[sl], pred[sl]
+    save_finetune_preview(path, image, gt, pred, labels)
+
+
+def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | None = None,
+             predictions: str | None = None, split: str = "val", options: PredictOptions | None = None,
+             n_overlays: int = 3, log=print) -> Evaluation:
+    """Score a checkpoint (predicting each case) or a folder of predictions (``CASE.nii.gz``) against a dataset.
+
+    Everything is computed in the original geometry with the true spacing. Writes ``metrics.csv``,
+    ``metrics.md`` and ``overlay_CASE.png`` for the first ``n_overlays`` cases into ``out``.
+    """
+    if (checkpoint is None) == (predictions is None):
+        raise MedmimError("give either --checkpoint or --predictions")
+    out = Path(out)
+    ds = load_dataset(data)
+    predictor, cfg = None, None
+    if checkpoint is not None:
+        predictor = Predictor.from_checkpoint(checkpoint, options)
+        cfg = predictor.cfg
+    if split == "all":
+        ids = [c.case_id for c in ds.labeled]
+    elif split == "val":
+        fold, folds, seed = (cfg.data.fold, cfg.data.num_folds, cfg.train.seed) if cfg else (0, 5, 0)
+        ids = get_split(ds, fold, folds, seed)[1]
+    else:
+        raise MedmimError(f"--split must be val or all, got {split!r}")
+    labels = dict(ds.labels) or (dict(cfg.data.labels) if cfg and cfg.data.labels else {})
+    if not labels:
+        raise MedmimError(f"{data}: declares no labels to evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    ev = Evaluation()
+    times = []
+    for n, cid in enumerate(ids, 1):
+        case = ds.case(cid)
+        gt_img = read_image(case.label)
+        t0 = time.perf_counter()
+        if predictor is not None:
+            pred, _ = predictor.predict_case(case)
+            write_nifti(out / "predictions" / f"{cid}.nii.gz", pred, gt_img.affine)
+        else:
+            ppath = Path(predictions) / f"{cid}.nii.gz"
+            pimg = read_image(ppath)
+            if pimg.array.shape != gt_img.array.shape or np.abs(pimg.affine - gt_img.affine).max() > 1e-3:
+                raise MedmimError(f"{ppath}: not on its ground truth's grid (shape {pimg.array.shape} vs "
+                                  f"{gt_img.array.shape}); predictions must be in the original geometry")
+            pred = np.rint(pimg.array).astype(np.int64)
+        times.append(time.perf_counter() - t0)
+        gt = np.rint(gt_img.array).astype(np.int64)
+        scores = score_case(cid, pred, gt, gt_img.spacing, labels)
+        ev.scores += scores
+        mean = [s.dice for s in scores if s.status != "absent"]
+        log(f"[{n}/{len(ids)}] {cid}: mean Dice {np.mean(mean) if mean else float('nan'):.4f}")
+        if n <= n_overlays:
+            image = read_image(case.images[0]).array
+            image = image[..., 0] if image.ndim == 4 else image
+            _overlay(out / f"overlay_{cid}.png", _window(image.astype(np.float32), cfg), gt, pred, labels)
+    if times:
+        ev.seconds = {"mean": float(np.mean(times)), "max": float(np.max(times))}
+    ev.write_csv(out / "metrics.csv")
+    title = f"Evaluation of {checkpoint or predictions} on {data} ({split}, {len(ids)} cases)"
+    (out / "metrics.md").write_text(ev.markdown(title))
+    return ev
