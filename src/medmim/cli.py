@@ -27,7 +27,7 @@ def _echo_err(msg: str) -> None:
 def cli() -> None:
     """medmim: masked image modeling (MAE, SimMIM) pretraining of 3D medical images and UNETR fine-tuning.
 
-    Stages: `data` (check, phantom, prepare, split), `pretrain`, `finetune`, `predict`, `evaluate`; `config` (list, show).
+    Stages: `data` (check, phantom, prepare, split), `pretrain`, `finetune`, `predict`, `evaluate`, `export`; `config` (list, show).
     """
 
 
@@ -239,6 +239,40 @@ def evaluate_cmd(checkpoint, predictions, data, split, out, **kw) -> None:
     click.echo(f"mean Dice {md:.4f}" if md is not None else "mean Dice: no class scored", nl=False)
     click.echo(f", mean HD95 {hd:.2f} mm" if hd is not None else "")
     click.echo(f"wrote {out / 'metrics.csv'} and {out / 'metrics.md'}")
+
+
+@cli.command("export")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path), help="A medmim checkpoint (.pt or .safetensors).")
+@click.option("--format", "fmt", type=click.Choice(["monai", "safetensors"]), required=True,
+              help="monai: the encoder as a state dict for monai.networks.nets.ViT / UNETR.vit; "
+                   "safetensors: all weights with their config.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+def export(checkpoint: Path, fmt: str, out: Path) -> None:
+    """Write a checkpoint's weights for use elsewhere."""
+    import torch
+
+    from medmim.models.transfer import encoder_to_monai_vit, read_checkpoint, save_weights
+
+    ckpt = read_checkpoint(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        save_weights(out, ckpt.state, config=ckpt.config)
+        click.echo(f"wrote {len(ckpt.state)} tensors and the config to {out}")
+        return
+    state = encoder_to_monai_vit(ckpt.state)
+    tmp = out.with_name(f".tmp-{out.name}")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    click.echo(f"wrote the encoder ({len(state)} tensors) to {out}")
+    m = (ckpt.config or {}).get("model")
+    if m:
+        click.echo(
+            "load it with: monai.networks.nets.ViT(in_channels={in_channels}, img_size={img}, patch_size={patch}, "
+            "hidden_size={hidden_size}, mlp_dim={mlp_dim}, num_layers={num_layers}, num_heads={num_heads}, "
+            "proj_type='conv', pos_embed_type='{pe}', classification=False, qkv_bias={qkv_bias})"
+            ".load_state_dict(torch.load(FILE), strict=True)".format(
+                img=tuple(m["img_size"]), patch=tuple(m["patch_size"]),
+                pe="sincos" if m["pos_embed"] == "sincos" else "learnable", **m))
 
 
 # --- config ----------------------------------------------------------------------------------
