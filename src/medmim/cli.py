@@ -27,7 +27,7 @@ def _echo_err(msg: str) -> None:
 def cli() -> None:
     """medmim: masked image modeling (MAE, SimMIM) pretraining of 3D medical images and UNETR fine-tuning.
 
-    Stages: `data` (check, phantom, prepare, split), `pretrain`, `finetune`, `predict`, `evaluate`, `export`; `config` (list, show).
+    Stages: `data` (check, phantom, prepare, split, samples), `pretrain`, `finetune`, `predict`, `evaluate`, `export`; `config` (list, show).
     """
 
 
@@ -117,6 +117,23 @@ def data_prepare(dataset: Path, out: Path, source: str | None, workers: int, ove
     if res.failed:
         names = ", ".join(sorted(res.failed)[:5]) + (" ..." if len(res.failed) > 5 else "")
         raise MedmimError(f"{len(res.failed)} case(s) of {dataset} failed to prepare: {names} (see the lines above)")
+
+
+@data.command("samples")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where fetched packages are kept (default $MEDMIM_CACHE/samples or ~/.cache/medmim/samples).")
+def data_samples(out_dir: Path, cache_dir: Path | None) -> None:
+    """Build Decathlon folders of openly licensed real CT and MRI scans shipped inside packages
+    (pyradiomics, nilearn, TotalSegmentator), fetched with `pip download` (nothing is installed).
+
+    Writes OUT_DIR/ct, OUT_DIR/mri and OUT_DIR/mri-tissue, each with dataset.json and SOURCES.md.
+    """
+    from medmim.data.samples import write_samples
+
+    res = write_samples(out_dir, cache_dir, log=click.echo)
+    for name, d in res["datasets"].items():
+        click.echo(f"{name}: {d['labeled']} labeled, {d['unlabeled']} unlabeled -> {d['path']}")
 
 
 @data.command("split")
