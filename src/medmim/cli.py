@@ -27,7 +27,7 @@ def _echo_err(msg: str) -> None:
 def cli() -> None:
     """medmim: masked image modeling (MAE, SimMIM) pretraining of 3D medical images and UNETR fine-tuning.
 
-    Stages: `data` (check, phantom, prepare, split, samples), `pretrain`, `finetune`, `predict`, `evaluate`, `export`; `config` (list, show).
+    Stages: `data` (check, phantom, prepare, split, samples), `pretrain`, `finetune`, `predict`, `evaluate`, `export`; `demo` and `study` run the paper's experiments; `config` (list, show).
     """
 
 
@@ -290,6 +290,49 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
             ".load_state_dict(torch.load(FILE), strict=True)".format(
                 img=tuple(m["img_size"]), patch=tuple(m["patch_size"]),
                 pe="sincos" if m["pos_embed"] == "sincos" else "learnable", **m))
+
+
+# --- the main job and studies -----------------------------------------------------------------
+
+@cli.command("demo")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--quick", is_flag=True, help="Tiny models and phantoms: the whole pipeline in a few minutes (a smoke test).")
+def demo(out: Path, quick: bool) -> None:
+    """Phantoms -> prepare -> pretrain (SimCLR, MAE, SimMIM) -> fine-tune UNETR from each and from scratch
+    -> evaluate on held-out volumes -> OUT/report.md. Running it again resumes finished stages.
+    """
+    from medmim.demo import run_demo
+
+    os.environ.setdefault("MEDMIM_NO_PROGRESS", "1")  # stage lines instead of many progress bars
+    report = run_demo(out, quick=quick, log=click.echo)
+    click.echo(f"done: {report}")
+
+
+@cli.command("study", context_settings={"ignore_unknown_options": True})
+@click.argument("spec")
+@click.argument("overrides", nargs=-1)
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Default: studies/SPEC-NAME.")
+@click.option("--dry-run", is_flag=True, help="List the cells and an estimate of their cost; run nothing.")
+def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool) -> None:
+    """Run a grid of pretraining x fine-tuning cells from SPEC (a shipped study name or a YAML file),
+    skipping finished cells, then write summary.md, cells.csv and curves.png. OVERRIDES (key=value)
+    apply to every run, e.g. data.path=/data/btcv for a paper-scale spec.
+    """
+    from medmim.study import StudyRun, dry_run_table, load_spec, study_names
+
+    sp = load_spec(spec)
+    for o in overrides:
+        if o.startswith("data.path="):
+            sp.data = {"path": o.split("=", 1)[1]}
+    run = StudyRun(sp, out or Path("studies") / sp.name, [o for o in overrides if not o.startswith("data.path=")],
+                   log=click.echo)
+    if dry_run:
+        click.echo(dry_run_table(sp, run))
+        return
+    os.environ.setdefault("MEDMIM_NO_PROGRESS", "1")
+    res = run.run()
+    click.echo((run.out / "summary.md").read_text())
+    click.echo(f"wrote {run.out / 'summary.md'}, {run.out / 'cells.csv'}, {run.out / 'curves.png'}")
 
 
 # --- config ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,10 @@ def score_case(case_id: str, pred: np.ndarray, gt: np.ndarray, spacing, labels: 
         pt = torch.from_numpy(p)[None, None]
         gt_t = torch.from_numpy(g)[None, None]
         dice = float(compute_dice(pt, gt_t, include_background=True)[0, 0])
-        hd = float(compute_hausdorff_distance(pt, gt_t, include_background=True, percentile=95,
-                                              spacing=[float(s) for s in spacing])[0, 0])
+        with warnings.catch_warnings():  # MONAI 1.6 warns about its own deprecated internal argument
+            warnings.simplefilter("ignore", FutureWarning)
+            hd = float(compute_hausdorff_distance(pt, gt_t, include_background=True, percentile=95,
+                                                  spacing=[float(s) for s in spacing])[0, 0])
         out.append(ClassScore(case_id, c, labels[c], dice, hd if math.isfinite(hd) else None, "ok", ng, np_))
     return out
 

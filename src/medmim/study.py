@@ -1,0 +1,547 @@
+"""`medmim study SPEC`: grids of pretraining x fine-tuning runs, and their honest aggregation.
+
+A spec (YAML; shipped ones live in ``medmim/studies/``) names a dataset, a base pretraining and a
+base fine-tuning config, seeds, and axes whose values change either config:
+
+    name: methods
+    data: {phantom: {labeled: 10, unlabeled: 14, seed: 0}}     # or {path: DIR}
+    pretrain: {config: mae-cpu, overrides: [train.max_steps=300]}
+    finetune: {config: unetr-cpu, overrides: [data.label_fraction=0.5]}
+    seeds: [0, 1, 2]
+    axes:
+      - name: method
+        values:
+          - {label: scratch, pretrain: null}                  # no pretraining
+          - {label: mae, pretrain: [pretrain.method=mae]}     # overrides of the pretraining config
+          - {label: simmim, pretrain: [pretrain.method=simmim, pretrain.decoder_depth=0, pretrain.loss=l1]}
+    baseline: {method: scratch}        # speed-ups are measured against this value of an axis
+    contrastive: {method: simclr}      # and, if given, against this one
+
+Every cell (one value per axis, one seed) fine-tunes in its own folder; identical pretraining runs
+are shared between cells. A finished run leaves ``done.json`` and is skipped when the study runs
+again; an interrupted one resumes from its last checkpoint.
+
+Convergence speed-up, defined once: for a baseline run B and a pretrained run P, let D be B's best
+validation mean Dice; the speed-up is (first step at which B reaches 0.95 D) / (first step at which
+P reaches 0.95 D). When P never reaches 0.95 D it is reported as such, never as a number.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from medmim.config import Config, load_config
+from medmim.errors import MedmimError
+
+SPEEDUP_LEVEL = 0.95
+CONVERGED_REL_CHANGE = 0.05  # |change of validation Dice over the last quarter| / final Dice below this
+
+
+# --- the spec --------------------------------------------------------------------------------
+
+@dataclass
+class AxisValue:
+    label: str
+    pretrain: list[str] | None | bool = True  # True: inherit; None: no pretraining; list: overrides
+    finetune: list[str] = field(default_factory=list)
+    both: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Spec:
+    name: str
+    source: str
+    data: dict
+    pretrain_config: str
+    pretrain_overrides: list[str]
+    finetune_config: str
+    finetune_overrides: list[str]
+    seeds: list[int]
+    axes: list[tuple[str, list[AxisValue]]]
+    baseline: dict[str, str]
+    contrastive: dict[str, str]
+    evaluate: bool = True
+    description: str = ""
+
+
+def study_names() -> list[str]:
+    folder = resources.files("medmim") / "studies"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _overrides(v, where: str) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise MedmimError(f"{where}: overrides must be a list of key=value strings")
+    return list(v)
+
+
+def load_spec(source: str) -> Spec:
+    """A shipped spec name or a YAML path -> :class:`Spec` (validated; errors name the key)."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise MedmimError(f"{source}: study spec not found")
+        text = path.read_text()
+    else:
+        shipped = resources.files("medmim") / "studies" / f"{source}.yaml"
+        if not shipped.is_file():
+            raise MedmimError(f"unknown study '{source}' (shipped: {', '.join(study_names())}; or give a .yaml file)")
+        text = shipped.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise MedmimError(f"{source}: invalid YAML")
+    if not isinstance(raw, dict):
+        raise MedmimError(f"{source}: a study spec is a mapping")
+    known = {"name", "description", "data", "pretrain", "finetune", "seeds", "axes", "baseline", "contrastive", "evaluate"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise MedmimError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    for key in ("data", "pretrain", "finetune", "axes"):
+        if key not in raw:
+            raise MedmimError(f"{source}: missing '{key}'")
+    data = raw["data"]
+    if not isinstance(data, dict) or not ({"phantom", "path"} & set(data)):
+        raise MedmimError(f"{source}: 'data' needs 'phantom: {{labeled, unlabeled, seed}}' or 'path: DIR'")
+    axes = []
+    for n, ax in enumerate(raw["axes"] or []):
+        if not isinstance(ax, dict) or "name" not in ax or not isinstance(ax.get("values"), list) or not ax["values"]:
+            raise MedmimError(f"{source}: axes[{n}] needs a 'name' and a non-empty list of 'values'")
+        values = []
+        for m, v in enumerate(ax["values"]):
+            where = f"{source}: axes[{n}].values[{m}]"
+            if not isinstance(v, dict) or "label" not in v:
+                raise MedmimError(f"{where} needs a 'label'")
+            pre = v.get("pretrain", True)
+            values.append(AxisValue(str(v["label"]), None if pre is None else (True if pre is True else _overrides(pre, where)),
+                                    _overrides(v.get("finetune"), where), _overrides(v.get("both"), where)))
+        axes.append((str(ax["name"]), values))
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise MedmimError(f"{source}: 'seeds' must be a list of integers")
+    spec = Spec(name=str(raw.get("name", Path(source).stem)), source=source, data=data,
+                pretrain_config=str(raw["pretrain"].get("config")), pretrain_overrides=_overrides(raw["pretrain"].get("overrides"), f"{source}: pretrain"),
+                finetune_config=str(raw["finetune"].get("config")), finetune_overrides=_overrides(raw["finetune"].get("overrides"), f"{source}: finetune"),
+                seeds=seeds, axes=axes, baseline=dict(raw.get("baseline") or {}), contrastive=dict(raw.get("contrastive") or {}),
+                evaluate=bool(raw.get("evaluate", True)), description=str(raw.get("description", "")))
+    for which in ("baseline", "contrastive"):
+        for axis, label in getattr(spec, which).items():
+            labels = {v.label for name, vals in axes if name == axis for v in vals}
+            if not labels or label not in labels:
+                raise MedmimError(f"{source}: {which} names {axis}={label}, which is not a value of an axis")
+    return spec
+
+
+# --- cells -----------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct")).strip("-")
+
+
+@dataclass
+class Cell:
+    values: dict[str, str]  # axis -> label
+    seed: int
+    pretrain: list[str] | None  # overrides of the pretraining config, None = from scratch
+    finetune: list[str]
+
+    @property
+    def group(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items())
+
+    @property
+    def slug(self) -> str:
+        return _slug("_".join(f"{k}-{v}" for k, v in self.values.items()) + f"_seed{self.seed}")
+
+    def pretrain_key(self, spec: Spec) -> str | None:
+        if self.pretrain is None:
+            return None
+        blob = json.dumps([spec.pretrain_config, spec.pretrain_overrides, self.pretrain, self.seed])
+        return hashlib.blake2b(blob.encode(), digest_size=5).hexdigest()
+
+
+def expand_cells(spec: Spec) -> list[Cell]:
+    cells = []
+    for combo in itertools.product(*[vals for _, vals in spec.axes]):
+        pre: list[str] | None = []
+        fine: list[str] = []
+        for v in combo:
+            if v.pretrain is None:
+                pre = None
+            elif v.pretrain is not True and pre is not None:
+                pre += v.pretrain
+            fine += v.finetune + v.both
+            if pre is not None:
+                pre += v.both
+        for seed in spec.seeds:
+            cells.append(Cell({name: v.label for (name, _), v in zip(spec.axes, combo)}, seed,
+                              None if pre is None else list(pre), fine))
+    return cells
+
+
+# --- curves and numbers ----------------------------------------------------------------------
+
+def read_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation mean Dice) pairs from a fine-tuning run's metrics.csv."""
+    p = run_dir / "metrics.csv"
+    if not p.is_file():
+        return []
+    with open(p, newline="") as f:
+        return [(int(r["step"]), float(r["val_dice"])) for r in csv.DictReader(f) if r.get("val_dice")]
+
+
+def first_step_reaching(curve: list[tuple[int, float]], level: float) -> int | None:
+    for step, v in curve:
+        if v >= level:
+            return step
+    return None
+
+
+def speedup(baseline: list[tuple[int, float]], pretrained: list[tuple[int, float]]) -> dict:
+    """The convergence speed-up of ``pretrained`` over ``baseline`` (see the module docstring)."""
+    if not baseline or not pretrained:
+        return {"speedup": None, "note": "no validation curve"}
+    d = max(v for _, v in baseline)
+    level = SPEEDUP_LEVEL * d
+    sb, sp = first_step_reaching(baseline, level), first_step_reaching(pretrained, level)
+    if d <= 0:
+        return {"speedup": None, "level": level, "note": "baseline never scored above 0"}
+    if sp is None:
+        return {"speedup": None, "level": level, "baseline_step": sb, "note": f"never reached {level:.3f}"}
+    return {"speedup": sb / sp, "level": level, "baseline_step": sb, "step": sp, "note": ""}
+
+
+def convergence(curve: list[tuple[int, float]]) -> dict:
+    """Relative change of validation Dice over the last quarter of the run; converged when small."""
+    if len(curve) < 8:  # a "last quarter" of one or two validations says nothing
+        return {"rel_change": None, "converged": False, "note": f"too few validations ({len(curve)}) to tell"}
+    last = curve[-1][1]
+    q_step = curve[-1][0] * 0.75
+    at_q = min(curve, key=lambda sv: abs(sv[0] - q_step))[1]
+    rel = (last - at_q) / max(abs(last), 1e-6)
+    return {"rel_change": rel, "converged": abs(rel) < CONVERGED_REL_CHANGE, "note": ""}
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+# --- running ---------------------------------------------------------------------------------
+
+@dataclass
+class StudyRun:
+    spec: Spec
+    out: Path
+    extra: list[str]  # command-line overrides, applied to both configs
+    log: object = print
+    quick: list[str] = field(default_factory=list)  # overrides that shrink every run (demo --quick)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    # -- data --
+    def dataset_path(self) -> Path:
+        d = self.spec.data
+        if "path" in d:
+            return Path(d["path"])
+        return self.out / "phantom"
+
+    def ensure_data(self) -> Path:
+        d = self.spec.data
+        path = self.dataset_path()
+        if "phantom" in d:
+            ph = dict(d["phantom"])
+            marker = path / "dataset.json"
+            if marker.is_file() and json.loads(marker.read_text()).get("medmim_phantom", {}).get("seed") == ph.get("seed", 0) \
+                    and json.loads(marker.read_text()).get("numTraining") == ph.get("labeled"):
+                self.log(f"[data] phantom dataset in {path}: already there")
+                return path
+            from medmim.data.phantom import write_phantom_dataset
+
+            t0 = time.perf_counter()
+            kw = {k: tuple(ph[k]) for k in ("shape", "spacing") if k in ph}
+            self.log(f"[data] writing {ph.get('labeled', 10)} labeled + {ph.get('unlabeled', 0)} unlabeled phantom CTs to {path}")
+            write_phantom_dataset(path, labeled=int(ph.get("labeled", 10)), unlabeled=int(ph.get("unlabeled", 0)),
+                                  seed=int(ph.get("seed", 0)), **kw)
+            self.stage_seconds["phantom"] = time.perf_counter() - t0
+        return path
+
+    def config(self, which: str, cell: Cell) -> Config:
+        spec = self.spec
+        if which == "pretrain":
+            ov = spec.pretrain_overrides + (cell.pretrain or [])
+            base = spec.pretrain_config
+        else:
+            ov = spec.finetune_overrides + cell.finetune
+            base = spec.finetune_config
+        data = [f"data.path={self.cache_path}", f"data.cache_dir={self.out / 'cache'}", f"train.seed={cell.seed}"]
+        return load_config(base, data + ov + self.quick + self.extra)
+
+    def prepare(self, dataset: Path) -> None:
+        """Prepare the dataset once, with the pretraining config's data settings."""
+        from medmim.data.prepare import PrepareSettings, prepare_dataset
+
+        if (dataset / "manifest.json").is_file():
+            self.cache_path = dataset
+            return
+        cfg = load_config(self.spec.pretrain_config, self.spec.pretrain_overrides + self.quick + self.extra)
+        self.cache_path = self.out / "cache" / "prepared"
+        t0 = time.perf_counter()
+        res = prepare_dataset(dataset, self.cache_path, PrepareSettings.from_config(cfg.data),
+                              workers=cfg.data.prepare_workers, num_folds=cfg.data.num_folds, seed=0)
+        self.log(f"[prepare] {len(res.done)} prepared, {len(res.skipped)} up to date, {len(res.failed)} failed "
+                 f"in {res.seconds:.1f} s -> {self.cache_path}")
+        if res.failed:
+            raise MedmimError(f"{len(res.failed)} case(s) failed to prepare: {', '.join(sorted(res.failed))}")
+        if res.done:
+            self.stage_seconds["prepare"] = time.perf_counter() - t0
+
+    # -- runs --
+    def _run(self, cfg: Config, run_dir: Path, stage: str) -> dict:
+        from medmim.train.engine import run_training
+
+        done = run_dir / "done.json"
+        if done.is_file():
+            self.log(f"[{stage}] {run_dir.name}: finished before, skipped")
+            return json.loads(done.read_text())
+        cfg.run.dir = str(run_dir)
+        cfg.resume = "auto"
+        self.log(f"[{stage}] {run_dir.name}: {cfg.train.max_steps} steps")
+        t0 = time.perf_counter()
+        summary = run_training(cfg, log=lambda s: self.log(f"    {s}"))
+        summary["wall_s"] = time.perf_counter() - t0
+        done.write_text(json.dumps(summary, indent=1))
+        self.stage_seconds[f"{stage} {run_dir.name}"] = summary["wall_s"]
+        return summary
+
+    def run_cell(self, cell: Cell) -> dict:
+        pre_ckpt = None
+        if cell.pretrain is not None:
+            key = cell.pretrain_key(self.spec)
+            pcfg = self.config("pretrain", cell)
+            pre_dir = self.out / "pretrain" / f"{pcfg.pretrain.method}-{key}"
+            self._run(pcfg, pre_dir, "pretrain")
+            pre_ckpt = pre_dir / "model.safetensors"
+        fcfg = self.config("finetune", cell)
+        if pre_ckpt is not None:
+            fcfg.model.pretrained = str(pre_ckpt)
+        cell_dir = self.out / "cells" / cell.slug
+        summary = self._run(fcfg, cell_dir, "finetune")
+        result = {"cell": cell.slug, "group": cell.group, "values": cell.values, "seed": cell.seed,
+                  "pretrained": str(pre_ckpt) if pre_ckpt else None, "run_dir": str(cell_dir),
+                  "wall_s": summary.get("wall_s"), "curve": read_curve(cell_dir)}
+        ev_file = cell_dir / "evaluation.json"
+        # held-out cases are scored in their original geometry, which needs the raw dataset (not only a cache)
+        if self.spec.evaluate and not (self.dataset_path() / "manifest.json").is_file():
+            if ev_file.is_file():
+                result["evaluation"] = json.loads(ev_file.read_text())
+            else:
+                result["evaluation"] = self._evaluate(cell_dir)
+                ev_file.write_text(json.dumps(result["evaluation"], indent=1))
+        return result
+
+    def _evaluate(self, cell_dir: Path) -> dict:
+        from medmim.eval.evaluate import evaluate
+
+        ckpt = cell_dir / "checkpoints" / "best.pt"
+        if not ckpt.is_file():
+            ckpt = cell_dir / "checkpoints" / "last.pt"
+        t0 = time.perf_counter()
+        ev = evaluate(self.dataset_path(), cell_dir / "evaluation", checkpoint=str(ckpt), split="val",
+                      log=lambda s: self.log(f"    {s}"))
+        self.stage_seconds[f"evaluate {cell_dir.name}"] = time.perf_counter() - t0
+        per_class = {str(c): {"name": d["name"], "dice": d["mean_dice"], "hd95": d["mean_hd95"], "n": d["n"],
+                              "absent": d["absent"]} for c, d in ev.per_class().items()}
+        return {"mean_dice": ev.mean_dice(), "mean_hd95": ev.mean_hd95(), "per_class": per_class,
+                "cases": len(ev.per_case()), "checkpoint": str(ckpt)}
+
+    def run(self, dry_run: bool = False) -> dict:
+        cells = expand_cells(self.spec)
+        if dry_run:
+            return {"cells": cells}
+        self.out.mkdir(parents=True, exist_ok=True)
+        dataset = self.ensure_data()
+        self.prepare(dataset)
+        results = []
+        for n, cell in enumerate(cells, 1):
+            self.log(f"== cell {n}/{len(cells)}: {cell.group}, seed {cell.seed}")
+            results.append(self.run_cell(cell))
+        agg = aggregate(self.spec, results)
+        (self.out / "results.json").write_text(json.dumps({"cells": results, "aggregate": agg,
+                                                           "stage_seconds": self.stage_seconds}, indent=1, default=str))
+        write_tables(self.out, self.spec, results, agg)
+        plot_curves(self.out / "curves.png", results, self.spec)
+        return {"cells": results, "aggregate": agg}
+
+
+# --- aggregation -----------------------------------------------------------------------------
+
+def _matches(values: dict[str, str], fixed: dict[str, str]) -> bool:
+    return all(values.get(k) == v for k, v in fixed.items())
+
+
+def _partner(results: list[dict], r: dict, ref: dict[str, str]) -> dict | None:
+    """The run with the same seed and the same values on the other axes, but ``ref`` on its axes."""
+    want = {**r["values"], **ref}
+    for q in results:
+        if q["seed"] == r["seed"] and q["values"] == want:
+            return q
+    return None
+
+
+def aggregate(spec: Spec, results: list[dict]) -> list[dict]:
+    """One row per group (axis values), over seeds: mean and spread of everything a reader compares."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["group"], []).append(r)
+        r["convergence"] = convergence(r["curve"])
+        r["best_val_dice"] = max((v for _, v in r["curve"]), default=None)
+        for which in ("baseline", "contrastive"):
+            ref = getattr(spec, which)
+            if not ref or _matches(r["values"], ref):
+                continue
+            b = _partner(results, r, ref)
+            r[f"speedup_vs_{which}"] = speedup(b["curve"], r["curve"]) if b else {"speedup": None, "note": "no partner run"}
+    rows = []
+    for group, rs in groups.items():
+        row = {"group": group, "values": rs[0]["values"], "seeds": len(rs)}
+        row["eval_dice"] = _mean_sd([(r.get("evaluation") or {}).get("mean_dice") for r in rs])
+        row["eval_hd95"] = _mean_sd([(r.get("evaluation") or {}).get("mean_hd95") for r in rs])
+        row["best_val_dice"] = _mean_sd([r["best_val_dice"] for r in rs])
+        row["converged"] = sum(bool(r["convergence"]["converged"]) for r in rs)
+        row["rel_change"] = _mean_sd([r["convergence"]["rel_change"] for r in rs])
+        for which in ("baseline", "contrastive"):
+            sps = [r.get(f"speedup_vs_{which}") for r in rs if r.get(f"speedup_vs_{which}")]
+            if sps:
+                row[f"speedup_vs_{which}"] = _mean_sd([s["speedup"] for s in sps])
+                row[f"never_reached_vs_{which}"] = sum(s["speedup"] is None for s in sps)
+        organs: dict[str, list] = {}
+        for r in rs:
+            for c, d in ((r.get("evaluation") or {}).get("per_class") or {}).items():
+                organs.setdefault(c, [d["name"], []])[1].append(d["dice"])
+        row["organs"] = {c: (name, _mean_sd(v)) for c, (name, v) in sorted(organs.items(), key=lambda kv: int(kv[0]))}
+        rows.append(row)
+    return rows
+
+
+def _fmt(ms: tuple[float | None, float | None], digits: int = 3, seeds: int = 1) -> str:
+    m, s = ms
+    if m is None:
+        return "—"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if seeds > 1 else "")
+
+
+def write_tables(out: Path, spec: Spec, results: list[dict], rows: list[dict]) -> None:
+    with open(out / "cells.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["cell", "group", "seed", "eval_mean_dice", "eval_mean_hd95", "best_val_dice", "converged",
+                    "rel_change_last_quarter", "speedup_vs_baseline", "speedup_vs_contrastive", "wall_s"])
+        for r in results:
+            ev = r.get("evaluation") or {}
+            w.writerow([r["cell"], r["group"], r["seed"], ev.get("mean_dice"), ev.get("mean_hd95"), r["best_val_dice"],
+                        r["convergence"]["converged"], r["convergence"]["rel_change"],
+                        (r.get("speedup_vs_baseline") or {}).get("speedup"),
+                        (r.get("speedup_vs_contrastive") or {}).get("speedup"), r.get("wall_s")])
+    (out / "summary.md").write_text(summary_markdown(spec, rows))
+
+
+def summary_markdown(spec: Spec, rows: list[dict]) -> str:
+    base = ", ".join(f"{k}={v}" for k, v in spec.baseline.items()) or "—"
+    con = ", ".join(f"{k}={v}" for k, v in spec.contrastive.items()) or "—"
+    seeds = len(spec.seeds)
+    lines = [f"| group | seeds | held-out mean Dice | mean HD95 (mm) | best val Dice | converged | "
+             f"speed-up vs {base} | speed-up vs {con} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        def sp(which):
+            if f"speedup_vs_{which}" not in r:
+                return "—"
+            never = r[f"never_reached_vs_{which}"]
+            txt = _fmt(r[f"speedup_vs_{which}"], 2, seeds)
+            return txt + (f" ({never}/{r['seeds']} never reached)" if never else "")
+        lines.append(f"| {r['group']} | {r['seeds']} | {_fmt(r['eval_dice'], 3, seeds)} | {_fmt(r['eval_hd95'], 1, seeds)} | "
+                     f"{_fmt(r['best_val_dice'], 3, seeds)} | {r['converged']}/{r['seeds']} | {sp('baseline')} | {sp('contrastive')} |")
+    organ_ids = []
+    for r in rows:
+        for c in r["organs"]:
+            if c not in organ_ids:
+                organ_ids.append(c)
+    if organ_ids:
+        names = {c: rows[0]["organs"].get(c, (c,))[0] for c in organ_ids}
+        lines += ["", "Per-organ held-out Dice (mean over seeds):", "",
+                  "| group | " + " | ".join(names[c] for c in organ_ids) + " |",
+                  "|---|" + "---:|" * len(organ_ids)]
+        for r in rows:
+            lines.append(f"| {r['group']} | " + " | ".join(_fmt(r["organs"][c][1], 2) if c in r["organs"] else "—"
+                                                         for c in organ_ids) + " |")
+    lines += ["", f"Converged: |relative change of validation Dice over the last quarter of the run| < "
+                  f"{CONVERGED_REL_CHANGE:.0%}. Speed-up: (first step the baseline reaches {SPEEDUP_LEVEL:.0%} of its best "
+                  f"validation Dice) / (first step the pretrained run reaches it)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, results: list[dict], spec: Spec) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {}
+    for r in results:
+        if not r["curve"]:
+            continue
+        c = colors.setdefault(r["group"], f"C{len(colors) % 10}")
+        steps, vals = zip(*r["curve"])
+        ax.plot(steps, vals, color=c, alpha=0.9 if len(spec.seeds) == 1 else 0.6,
+                label=r["group"] if r["seed"] == spec.seeds[0] else None)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("validation mean Dice (13 organs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def dry_run_table(spec: Spec, run: StudyRun) -> str:
+    """The cells and an estimate of their cost (steps x crops per step, by run)."""
+    cells = expand_cells(spec)
+    lines = [f"study {spec.name}: {len(cells)} fine-tuning cell(s)", ""]
+    pre_seen = set()
+    total = {"pretrain": 0, "finetune": 0}
+    for c in cells:
+        f = load_config(spec.finetune_config, spec.finetune_overrides + c.finetune + run.quick + run.extra)
+        fs = (f.train.max_steps or 0) * f.data.batch_size
+        total["finetune"] += f.train.max_steps or 0
+        pre = "scratch"
+        if c.pretrain is not None:
+            p = load_config(spec.pretrain_config, spec.pretrain_overrides + c.pretrain + run.quick + run.extra)
+            key = c.pretrain_key(spec)
+            pre = f"{p.pretrain.method} ({p.train.max_steps} steps x {p.data.batch_size} crops)"
+            if key not in pre_seen:
+                pre_seen.add(key)
+                total["pretrain"] += p.train.max_steps or 0
+        lines.append(f"- {c.group}, seed {c.seed}: pretrain {pre}; fine-tune {f.train.max_steps} steps x "
+                     f"{f.data.batch_size} crops ({fs} crops), roi {list(f.data.roi_size)}")
+    lines += ["", f"{len(pre_seen)} pretraining run(s), {total['pretrain']} steps in all; "
+                  f"{len(cells)} fine-tuning run(s), {total['finetune']} steps in all"]
+    return "\n".join(lines)
