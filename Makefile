@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 # on a GPU machine the same line gives the CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-quick test bench clean
 
 $(BIN)/medmim: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,10 @@ $(BIN)/medmim: pyproject.toml
 setup: $(BIN)/medmim
 
 demo: setup
-	$(BIN)/medmim data phantom $(DEMO_OUT)/phantom --labeled 8 --unlabeled 16 --seed 0
-	$(BIN)/medmim data check $(DEMO_OUT)/phantom
+	$(BIN)/medmim demo --out $(DEMO_OUT)
+
+demo-quick: setup
+	$(BIN)/medmim demo --quick --out $(DEMO_OUT)-quick
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q

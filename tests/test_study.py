@@ -1,0 +1,119 @@
+"""medmim study and medmim demo: grids run end to end, resume without redoing, honest numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medmim.cli import main
+from medmim.errors import MedmimError
+from medmim.study import convergence, expand_cells, load_spec, speedup, study_names
+
+TINY = """
+name: tiny
+data:
+  phantom: {labeled: 5, unlabeled: 2, seed: 3, shape: [64, 56, 40], spacing: [6.0, 6.0, 6.0]}
+pretrain:
+  config: mae-tiny
+  overrides: ["data.spacing=[6.0,6.0,6.0]", train.max_steps=2, train.val_every=2, train.preview_every=2,
+              data.num_workers=0, data.prepare_workers=1]
+finetune:
+  config: unetr-tiny
+  overrides: ["data.spacing=[6.0,6.0,6.0]", train.max_steps=3, train.val_every=1, train.preview_every=3,
+              data.num_workers=0, data.prepare_workers=1]
+seeds: [0]
+axes:
+  - name: method
+    values:
+      - {label: scratch, pretrain: null}
+      - {label: mae, pretrain: [pretrain.method=mae]}
+baseline: {method: scratch}
+"""
+
+
+def test_speedup_and_convergence_follow_their_definitions() -> None:
+    base = [(10, 0.2), (20, 0.5), (30, 0.6), (40, 0.6)]
+    fast = [(10, 0.4), (20, 0.58), (30, 0.7)]
+    s = speedup(base, fast)
+    assert s["level"] == pytest.approx(0.57) and s["baseline_step"] == 30 and s["step"] == 20
+    assert s["speedup"] == pytest.approx(1.5)
+    never = speedup(base, [(10, 0.1), (20, 0.3)])
+    assert never["speedup"] is None and "never reached 0.570" in never["note"]
+    assert convergence([(i, 0.1) for i in range(1, 4)])["converged"] is False  # too few points to tell
+    flat = [(i * 10, 0.5 + 0.001 * i) for i in range(1, 13)]
+    rising = [(i * 10, 0.05 * i) for i in range(1, 13)]
+    assert convergence(flat)["converged"] and not convergence(rising)["converged"]
+
+
+def test_shipped_specs_load_and_expand() -> None:
+    names = study_names()
+    for required in ("demo", "demo-quick"):
+        assert required in names
+    for n in names:
+        spec = load_spec(n)
+        cells = expand_cells(spec)
+        assert cells and all(c.seed in spec.seeds for c in cells)
+    demo = expand_cells(load_spec("demo"))
+    assert [c.values["method"] for c in demo] == ["scratch", "simclr", "mae", "simmim"]
+    assert demo[0].pretrain is None and "pretrain.method=simmim" in demo[3].pretrain
+
+
+def test_bad_spec_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.replace("baseline: {method: scratch}", "baseline: {method: nope}"))
+    with pytest.raises(MedmimError, match="baseline names method=nope"):
+        load_spec(str(bad))
+    bad.write_text(TINY + "\nextra: 1\n")
+    with pytest.raises(MedmimError, match="unknown key 'extra'"):
+        load_spec(str(bad))
+
+
+def test_study_runs_end_to_end_and_resumes_without_redoing(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    out = tmp_path / "study"
+    assert main(["study", str(spec), "--dry-run"]) == 0
+    assert "2 fine-tuning cell(s)" in capsys.readouterr().out
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    capsys.readouterr()
+    for f in ("summary.md", "cells.csv", "curves.png", "results.json"):
+        assert (out / f).is_file()
+    res = json.loads((out / "results.json").read_text())
+    mae = next(c for c in res["cells"] if c["values"]["method"] == "mae")
+    assert mae["evaluation"]["cases"] >= 1 and len(mae["curve"]) == 3
+    assert "speedup" in mae["speedup_vs_baseline"]
+    # a finished study is skipped cell by cell; a removed cell alone is redone
+    scratch_done = out / "cells" / "method-scratch_seed0" / "done.json"
+    stamp = scratch_done.stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(out / "cells" / "method-mae_seed0")
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "[finetune] method-scratch_seed0: finished before, skipped" in log
+    assert "[pretrain] mae-" in log and "finished before, skipped" in log.split("[pretrain] mae-")[1].splitlines()[0]
+    assert "[finetune] method-mae_seed0: 3 steps" in log
+    assert scratch_done.stat().st_mtime_ns == stamp
+
+
+def test_demo_quick_writes_the_whole_report(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MEDMIM_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for needle in ("## Held-out segmentation", "| method=scratch |", "| method=mae |", "| method=simmim |",
+                   "| method=simclr |", "liver", "mean HD95", "## Convergence speed-up", "curves.png",
+                   "## Did the runs converge?", "recon_mae.png", "recon_simmim.png", "## Wall time of each stage"):
+        assert needle in report, needle
+    for png in ("curves.png", "recon_mae.png", "recon_simmim.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 5000
+    capsys.readouterr()
+    # a second run resumes: nothing is trained again
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    import re
+
+    log = capsys.readouterr().out
+    assert not re.search(r"^\[(pretrain|finetune)\] .*: \d+ steps$", log, re.M)  # no run started again
+    assert log.count("finished before, skipped") == 7  # 3 pretraining + 4 fine-tuning runs
