@@ -331,7 +331,7 @@ def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool
         return
     os.environ.setdefault("MEDMIM_NO_PROGRESS", "1")
     res = run.run()
-    click.echo((run.out / "summary.md").read_text())
+    click.echo((run.out / "summary.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {run.out / 'summary.md'}, {run.out / 'cells.csv'}, {run.out / 'curves.png'}")
 
 
@@ -365,6 +365,10 @@ def config_show(source: str, overrides: tuple[str, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return (and exit with) 0, 1 or 2."""
+    for stream in (sys.stdout, sys.stderr):
+        # a terminal without UTF-8 still gets every message, with odd characters escaped
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
     try:
         rv = cli.main(args=argv, prog_name="medmim", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0  # click returns --help's / --version's exit code

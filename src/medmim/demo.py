@@ -55,8 +55,6 @@ def write_report(run: StudyRun, res: dict, wall: float) -> Path:
     lines = [f"# medmim demo report ({spec.name})", "", spec.description.strip(), ""]
     # what the data and runs were
     phantom = spec.data.get("phantom", {})
-    some = cells[0]
-    fcfg = json.loads((Path(some["run_dir"]) / "done.json").read_text()) if (Path(some["run_dir"]) / "done.json").is_file() else {}
     lines += ["## Setup", "",
               f"- data: {phantom.get('labeled')} labeled + {phantom.get('unlabeled')} unlabeled phantom abdominal CTs "
               f"(seed {phantom.get('seed', 0)}), BTCV's 13 organs; validation = fold 0 of splits_final.json, held out of "
@@ -91,7 +89,7 @@ def write_report(run: StudyRun, res: dict, wall: float) -> Path:
         cv = r["convergence"]
         rel = cv["rel_change"]
         state = ("converged" if cv["converged"] else "NOT converged") if rel is not None else "unknown"
-        info = json.loads((Path(r["run_dir"]) / "done.json").read_text())
+        info = json.loads((Path(r["run_dir"]) / "done.json").read_text(encoding="utf-8"))
         bound = " — stopped by its wall-time bound before its last step" if info.get("stopped_by_time") else ""
         lines.append(f"- {r['group']}: {state} (validation Dice changed {rel:+.1%} over the last quarter; "
                      f"{info.get('steps')} steps){bound}" if rel is not None else
@@ -118,13 +116,13 @@ def write_report(run: StudyRun, res: dict, wall: float) -> Path:
         d = folder / "done.json"
         if d.is_file():
             key = f"{'pretrain' if folder.parent.name == 'pretrain' else 'finetune'} {folder.name}"
-            times.setdefault(key, json.loads(d.read_text()).get("wall_s"))
+            times.setdefault(key, json.loads(d.read_text(encoding="utf-8")).get("wall_s"))
     for k, v in times.items():
         lines.append(f"| {k} | {_fmt_s(v)} |")
     lines.append("")
     lines.append("Stages finished by an earlier invocation keep the time they took then.")
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 

@@ -98,12 +98,12 @@ def load_spec(source: str) -> Spec:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise MedmimError(f"{source}: study spec not found")
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     else:
         shipped = resources.files("medmim") / "studies" / f"{source}.yaml"
         if not shipped.is_file():
             raise MedmimError(f"unknown study '{source}' (shipped: {', '.join(study_names())}; or give a .yaml file)")
-        text = shipped.read_text()
+        text = shipped.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -270,8 +270,8 @@ class StudyRun:
         if "phantom" in d:
             ph = dict(d["phantom"])
             marker = path / "dataset.json"
-            if marker.is_file() and json.loads(marker.read_text()).get("medmim_phantom", {}).get("seed") == ph.get("seed", 0) \
-                    and json.loads(marker.read_text()).get("numTraining") == ph.get("labeled"):
+            if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("medmim_phantom", {}).get("seed") == ph.get("seed", 0) \
+                    and json.loads(marker.read_text(encoding="utf-8")).get("numTraining") == ph.get("labeled"):
                 self.log(f"[data] phantom dataset in {path}: already there")
                 return path
             from medmim.data.phantom import write_phantom_dataset
@@ -321,7 +321,7 @@ class StudyRun:
         done = run_dir / "done.json"
         if done.is_file():
             self.log(f"[{stage}] {run_dir.name}: finished before, skipped")
-            return json.loads(done.read_text())
+            return json.loads(done.read_text(encoding="utf-8"))
         cfg.run.dir = str(run_dir)
         cfg.resume = "auto"
         self.log(f"[{stage}] {run_dir.name}: {cfg.train.max_steps} steps")
@@ -352,7 +352,7 @@ class StudyRun:
         # held-out cases are scored in their original geometry, which needs the raw dataset (not only a cache)
         if self.spec.evaluate and not (self.dataset_path() / "manifest.json").is_file():
             if ev_file.is_file():
-                result["evaluation"] = json.loads(ev_file.read_text())
+                result["evaluation"] = json.loads(ev_file.read_text(encoding="utf-8"))
             else:
                 result["evaluation"] = self._evaluate(cell_dir)
                 ev_file.write_text(json.dumps(result["evaluation"], indent=1))
@@ -460,7 +460,7 @@ def write_tables(out: Path, spec: Spec, results: list[dict], rows: list[dict]) -
                         r["convergence"]["converged"], r["convergence"]["rel_change"],
                         (r.get("speedup_vs_baseline") or {}).get("speedup"),
                         (r.get("speedup_vs_contrastive") or {}).get("speedup"), r.get("wall_s")])
-    (out / "summary.md").write_text(summary_markdown(spec, rows))
+    (out / "summary.md").write_text(summary_markdown(spec, rows), encoding="utf-8")
 
 
 def summary_markdown(spec: Spec, rows: list[dict]) -> str:

@@ -80,7 +80,7 @@ def _strip_suffix(name: str) -> str:
 
 def _read_json(path: Path) -> object:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise MedmimError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})")
     except UnicodeDecodeError:

@@ -260,7 +260,7 @@ def _read_manifest(cache: Path) -> dict:
     if not p.is_file():
         return {}
     try:
-        m = json.loads(p.read_text())
+        m = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}  # unreadable manifest: everything is redone
     return m if isinstance(m, dict) else {}
@@ -366,7 +366,7 @@ def prepare_dataset(source: str | os.PathLike | Dataset, out: str | os.PathLike,
 def load_geometry(cache: str | os.PathLike, case_id: str) -> dict:
     p = Path(cache) / "cases" / case_id / "case.json"
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedmimError(f"{p}: case not in the cache (run `medmim data prepare`)")
     except (OSError, json.JSONDecodeError) as e:

@@ -204,7 +204,7 @@ def _pip_env(pkg: SamplePackage, cache: Path) -> tuple[dict[str, str] | None, st
         return None, ""
     shim = cache / "pip-compat"
     shim.mkdir(parents=True, exist_ok=True)
-    (shim / "sitecustomize.py").write_text(_PY312_SHIM)
+    (shim / "sitecustomize.py").write_text(_PY312_SHIM, encoding="utf-8")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(shim)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env, f"PYTHONPATH={shlex.quote(str(shim))} "
@@ -553,7 +553,7 @@ def _write_sources(folder: Path, spec: SampleFolder, written: list[dict], infos:
         if not info.notes:
             lines.append("  - no statement specific to the data files was found in the archive.")
     path = folder / "SOURCES.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -595,7 +595,7 @@ def convert_samples(out_dir: str | os.PathLike, roots: dict[str, str | os.PathLi
             "training": training, "test": test,
         }
         tmp = folder / ".tmp-dataset.json"
-        tmp.write_text(json.dumps(desc, indent=1) + "\n")
+        tmp.write_text(json.dumps(desc, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, folder / "dataset.json")
         _write_sources(folder, spec, written, infos)
         result[spec.name] = {"path": folder, "labeled": len(training), "unlabeled": len(test), "cases": written}

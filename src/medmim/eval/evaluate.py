@@ -133,5 +133,5 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
         ev.seconds = {"mean": float(np.mean(times)), "max": float(np.max(times))}
     ev.write_csv(out / "metrics.csv")
     title = f"Evaluation of {checkpoint or predictions} on {data} ({split}, {len(ids)} cases)"
-    (out / "metrics.md").write_text(ev.markdown(title))
+    (out / "metrics.md").write_text(ev.markdown(title), encoding="utf-8")
     return ev
