@@ -75,6 +75,7 @@ class Spec:
     contrastive: dict[str, str]
     evaluate: bool = True
     description: str = ""
+    share_pretraining: bool = False  # one pretraining run per setting, shared by every fine-tuning seed
 
 
 def study_names() -> list[str]:
@@ -110,7 +111,8 @@ def load_spec(source: str) -> Spec:
         raise MedmimError(f"{source}: invalid YAML")
     if not isinstance(raw, dict):
         raise MedmimError(f"{source}: a study spec is a mapping")
-    known = {"name", "description", "data", "pretrain", "finetune", "seeds", "axes", "baseline", "contrastive", "evaluate"}
+    known = {"name", "description", "data", "pretrain", "finetune", "seeds", "axes", "baseline", "contrastive", "evaluate",
+             "share_pretraining"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MedmimError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
@@ -140,7 +142,8 @@ def load_spec(source: str) -> Spec:
                 pretrain_config=str(raw["pretrain"].get("config")), pretrain_overrides=_overrides(raw["pretrain"].get("overrides"), f"{source}: pretrain"),
                 finetune_config=str(raw["finetune"].get("config")), finetune_overrides=_overrides(raw["finetune"].get("overrides"), f"{source}: finetune"),
                 seeds=seeds, axes=axes, baseline=dict(raw.get("baseline") or {}), contrastive=dict(raw.get("contrastive") or {}),
-                evaluate=bool(raw.get("evaluate", True)), description=str(raw.get("description", "")))
+                evaluate=bool(raw.get("evaluate", True)), description=str(raw.get("description", "")),
+                share_pretraining=bool(raw.get("share_pretraining", False)))
     for which in ("baseline", "contrastive"):
         for axis, label in getattr(spec, which).items():
             labels = {v.label for name, vals in axes if name == axis for v in vals}
@@ -173,7 +176,8 @@ class Cell:
     def pretrain_key(self, spec: Spec) -> str | None:
         if self.pretrain is None:
             return None
-        blob = json.dumps([spec.pretrain_config, spec.pretrain_overrides, self.pretrain, self.seed])
+        seed = 0 if spec.share_pretraining else self.seed
+        blob = json.dumps([spec.pretrain_config, spec.pretrain_overrides, self.pretrain, seed])
         return hashlib.blake2b(blob.encode(), digest_size=5).hexdigest()
 
 
@@ -267,6 +271,9 @@ class StudyRun:
     def ensure_data(self) -> Path:
         d = self.spec.data
         path = self.dataset_path()
+        if "path" in d and not path.exists():
+            raise MedmimError(f"study {self.spec.name}: data.path {path} does not exist "
+                              f"(give your dataset: medmim study {self.spec.name} data.path=DIR)")
         if "phantom" in d:
             ph = dict(d["phantom"])
             marker = path / "dataset.json"
@@ -289,10 +296,12 @@ class StudyRun:
         if which == "pretrain":
             ov = spec.pretrain_overrides + (cell.pretrain or [])
             base = spec.pretrain_config
+            seed = 0 if spec.share_pretraining else cell.seed
         else:
             ov = spec.finetune_overrides + cell.finetune
             base = spec.finetune_config
-        data = [f"data.path={self.cache_path}", f"data.cache_dir={self.out / 'cache'}", f"train.seed={cell.seed}"]
+            seed = cell.seed
+        data = [f"data.path={self.cache_path}", f"data.cache_dir={self.out / 'cache'}", f"train.seed={seed}"]
         return load_config(base, data + ov + self.quick + self.extra)
 
     def prepare(self, dataset: Path) -> None:
