@@ -17,8 +17,9 @@ How a case is built (one named step each, in :func:`make_phantom`):
 3. the retroperitoneal scaffold (aorta, IVC, kidneys, adrenals, pancreas), then the mobile organs
    (spleen, liver, gallbladder, stomach, esophagus) fill the cavity fat left free, then the portal
    and splenic veins. An organ only takes cavity fat (the gallbladder may also take liver, the
-   veins liver and pancreas), so labels never overlap; organ volumes are drawn first and each
-   shape is scaled to its drawn volume;
+   veins liver and pancreas), so labels never overlap; kidneys and adrenals keep a shell of
+   perirenal fat no other organ may take; organ volumes are drawn first and each shape is scaled
+   to its drawn volume (so a squeezed organ grows where there is room);
 4. unlabeled clutter: renal and mesenteric vessels, hepatic veins, duodenum, colon, small bowel,
    diaphragm, lung bases, heart;
 5. Hounsfield units per tissue, scanner noise and a mild blur (partial volume); labels stay crisp.
