@@ -13,6 +13,8 @@ Unknown keys and values of the wrong type raise :class:`~medmim.errors.MedmimErr
 from __future__ import annotations
 
 import os
+import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +60,11 @@ class DataConfig(_Section):
     # filled in from the dataset when a run starts, so a checkpoint knows its classes on its own
     labels: dict[int, str] | None = None
     lateral_pairs: list[tuple[int, int]] | None = None
+    # bad cached data met during training: a case that will not open, or whose arrays no longer match
+    # the checksums in its case.json, is skipped with a warning; more than this share of the training
+    # cases skipped stops the run
+    max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    verify_checksums: bool = True  # crc32 of each case's arrays, once per case per process, when first opened
 
     _norm_roi = field_validator("roi_size", "spacing", mode="before")(_triple)
 
@@ -163,6 +170,14 @@ class TrainConfig(_Section):
     ckpt_every: int = Field(200, ge=1)
     sw_overlap: float = Field(0.5, ge=0.0, lt=1.0)  # sliding-window overlap at validation
     sw_batch_size: int = Field(4, ge=1)
+    # a step whose loss or gradients are NaN/Inf is not applied (no optimizer step, scheduler and step
+    # count stay); skip: stop after max_bad_steps such steps in a row; stop: at the first; rollback:
+    # after max_bad_steps in a row, reload the last checkpoint with the learning rate times
+    # rollback_lr_factor, at most max_rollbacks times (fp16 overflows are the GradScaler's, not counted)
+    on_divergence: Literal["skip", "stop", "rollback"] = "skip"
+    max_bad_steps: int = Field(5, ge=1)
+    rollback_lr_factor: float = Field(0.5, gt=0.0, le=1.0)
+    max_rollbacks: int = Field(3, ge=1)
 
 
 class RunConfig(_Section):
@@ -211,13 +226,30 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+# a config is a few levels deep; PyYAML's scanner slows quadratically with [ { nesting (seconds at a
+# thousand levels) before its parser recurses too deep: refuse deeper text before parsing it
+MAX_NESTING = 100
+
+
+def _nesting(text: str) -> int:
+    depth = deepest = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def _read_yaml(text: str, where: str) -> dict:
+    if _nesting(text) > MAX_NESTING:
+        raise MedmimError(f"{where}: invalid YAML (nested more than {MAX_NESTING} levels deep)")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
         raise MedmimError(f"{where}: invalid YAML{at}")
+    except RecursionError:
+        raise MedmimError(f"{where}: invalid YAML (nested too deeply)")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -272,8 +304,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise MedmimError(f"override '{item}' has an empty key")
     try:
+        if _nesting(raw) > MAX_NESTING:
+            raise RecursionError
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw  # not YAML: take the text as it is (a path with odd characters, say)
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
         value = raw  # "run.dir=a: b" is a name with a colon, not a mapping
@@ -295,9 +329,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# a bounded repr of a bad value: YAML aliases can make a small file hold an exponentially large value
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 80, 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+MAX_REPORTED = 10  # problems named in one message
+
+
 def _format_validation(e: ValidationError, where: str) -> str:
     parts = []
-    for err in e.errors():
+    errors = e.errors()
+    for err in errors[:MAX_REPORTED]:
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
         if not loc:  # a check across sections names its keys itself
             parts.append(err["msg"].removeprefix("Value error, "))
@@ -306,8 +348,10 @@ def _format_validation(e: ValidationError, where: str) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             given = err.get("input")
-            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            shown = "" if isinstance(given, dict) else f" (got {_SHORT.repr(given)})"
             parts.append(f"'{loc}': {msg}{shown}")
+    if len(errors) > MAX_REPORTED:
+        parts.append(f"and {len(errors) - MAX_REPORTED} more problem(s)")
     return f"{where}: " + "; ".join(parts)
 
 

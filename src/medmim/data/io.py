@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
+import stat
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +31,9 @@ SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 # a header that claims more voxels than this is corrupt, not a CT (a 1024x1024x2048 volume is 2^31)
 MAX_VOXELS = 2**31
+# deflate expands data at most ~1032-fold: a header declaring more voxel bytes than this many times
+# the bytes on disk is corrupt, and is refused before the reader allocates what it declares
+MAX_EXPANSION = 1100
 # LPS <-> RAS: flip the sign of the first two world axes
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -91,8 +96,8 @@ def _nifti_header(path: Path):
         img = nib.load(str(path))
     except FileNotFoundError:
         raise MedmimError(f"{path}: file not found")
-    except (nib.filebasedimages.ImageFileError, ValueError, OSError, EOFError, zlib.error,
-            gzip.BadGzipFile, IndexError, TypeError, OverflowError, MemoryError) as e:
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, ValueError, OSError, EOFError,
+            zlib.error, gzip.BadGzipFile, IndexError, TypeError, OverflowError, MemoryError) as e:
         raise MedmimError(f"{path}: not a readable NIfTI file ({_short(e)})")
     return img
 
@@ -110,6 +115,54 @@ def _check_plausible(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> 
         raise MedmimError(f"{path}: header declares {n} voxels (shape {tuple(shape)}), too many for a real image")
     if not np.all(np.isfinite(affine)):
         raise MedmimError(f"{path}: affine contains NaN or Inf")
+
+
+def _check_data_size(path: Path, shape: tuple[int, ...], itemsize: int, data_file: Path | None, offset: int = 0,
+                     exact: bool = False) -> None:
+    """Refuse a header that declares more voxel bytes than ``data_file`` can hold.
+
+    ``exact``: the data is stored raw after ``offset`` bytes (uncompressed NIfTI), so the file must hold
+    all of it; otherwise (compressed or unknown encoding) at most MAX_EXPANSION times its size.
+    """
+    if data_file is None:
+        return
+    try:
+        st = data_file.stat()
+    except OSError:
+        return  # missing: the reader names it
+    if not stat.S_ISREG(st.st_mode):
+        raise MedmimError(f"{path}: voxel data file {data_file} is not a regular file")
+    need = int(np.prod([int(s) for s in shape], dtype=np.float64)) * itemsize
+    have = st.st_size - offset if exact else st.st_size * MAX_EXPANSION
+    if need > have:
+        raise MedmimError(f"{path}: cannot read voxel data, file truncated or corrupt (the header declares shape "
+                          f"{tuple(shape)}, {need} bytes or more, but {data_file.name} holds {st.st_size} bytes)")
+
+
+_DATA_FILE = re.compile(rb"^[ \t]*(?:data ?file|ElementDataFile)[ \t]*[:=][ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
+
+
+def _sitk_data_file(path: Path) -> Path | None:
+    """Where the voxels of a NRRD/MetaImage file are: the file itself, or the one its header names.
+
+    None when that is not one plain file (a LIST or a numbered series): no size check is made then.
+    """
+    if not path.name.lower().endswith((".nhdr", ".mhd")):
+        return path
+    try:
+        with open(path, "rb") as f:
+            m = _DATA_FILE.search(f.read(1 << 16))
+    except OSError:
+        return None
+    if m is None:
+        return None
+    target = m.group(1).decode("utf-8", "replace")
+    if target.upper() == "LOCAL":
+        return path
+    if not target or target.upper() == "LIST" or " " in target or "%" in target:
+        return None
+    p = Path(target)
+    return p if p.is_absolute() else path.parent / p
 
 
 def read_info(path: str | os.PathLike) -> ImageInfo:
@@ -148,6 +201,11 @@ def read_image(path: str | os.PathLike) -> Image:
     if name.endswith(NIFTI_SUFFIXES):
         img = _nifti_header(path)
         try:
+            offset, itemsize = int(img.header.get_data_offset()), np.dtype(img.get_data_dtype()).itemsize
+        except Exception as e:  # nibabel raises many types on corrupt headers
+            raise MedmimError(f"{path}: corrupt NIfTI header ({_short(e)})")
+        _check_data_size(path, info.shape, itemsize, path, offset, exact=not name.endswith(".gz"))
+        try:
             # dataobj keeps the stored dtype (int16 stays int16) and applies scl_slope if set
             array = np.asarray(img.dataobj)
         except Exception as e:
@@ -155,6 +213,8 @@ def read_image(path: str | os.PathLike) -> Image:
         if array.ndim == 5 and array.shape[3] == 1:  # NIfTI stores vectors as [I, J, K, 1, C]
             array = array[:, :, :, 0, :]
         return Image(array, info.affine.copy(), path)
+    # voxel type unknown until read: count one byte per voxel, a lower bound
+    _check_data_size(path, info.shape, 1, _sitk_data_file(path))
     return _read_sitk(path)
 
 
@@ -181,6 +241,9 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     suffix = ".nii.gz" if (compress if compress is not None else path.name.endswith(".gz")) else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written image gets the usual permissions
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
@@ -206,8 +269,31 @@ def _sitk_affine(direction, spacing, origin) -> np.ndarray:
     return _LPS_TO_RAS @ lps
 
 
+_META_NDIMS = re.compile(rb"^[ \t]*NDims[ \t]*=[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
+_META_END = re.compile(rb"^[ \t]*ElementDataFile[ \t]*=.*$", re.I | re.M)
+
+
+def _check_metaimage_header(path: Path) -> None:
+    """Refuse a MetaImage header whose NDims is not 1..10: ITK's MetaIO hangs or crashes the process
+    (a segmentation fault, not an exception) on a negative or huge one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return  # the reader names the problem
+    end = _META_END.search(head)
+    for m in _META_NDIMS.finditer(head[: end.end()] if end else head):
+        v = m.group(1)
+        if not re.fullmatch(rb"\+?\d{1,2}", v) or not 1 <= int(v) <= 10:
+            raise MedmimError(f"{path}: not a readable image (MetaImage header says NDims = "
+                              f"{v[:20].decode('latin-1')!r}; expected 1 to 10)")
+
+
 def _sitk_reader(path: Path):
     import SimpleITK as sitk
+
+    if path.name.lower().endswith((".mha", ".mhd")):
+        _check_metaimage_header(path)
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

@@ -7,6 +7,11 @@ Sharding: each epoch the cases are shuffled by ``(seed, epoch)``, padded (by wra
 multiple of ``world_size * num_workers`` and dealt round-robin, so every rank and worker sees a
 different part of each epoch. The random numbers of a case depend on ``(seed, epoch, position in
 the epoch)`` only, so the crops are the same whatever the number of ranks or workers.
+
+Bad data: a case whose arrays will not open, or whose bytes no longer match the crc32 checksums in
+its case.json (checked once per case per process, when first opened), is skipped. The skip is
+reported in the ``bad_cases`` field of the next crop yielded (lines ``CASE_FOLDER<TAB>reason``), so
+the training loop counts it even when the crops come from DataLoader worker processes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -25,6 +31,20 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from medmim.data.augment import plain_tensor
 from medmim.errors import MedmimError
+
+
+class BadCaseError(MedmimError):
+    """A cached case that cannot be used: its arrays do not open or do not match its checksums."""
+
+    def __init__(self, case: "CachedCase", reason: str):
+        super().__init__(f"{case.folder}: {reason}")
+        self.folder = str(case.folder)
+        self.reason = reason
+
+
+# case folder -> (case.json mtime, None if usable else why not): each case is verified once per process
+_VERDICTS: dict[str, tuple[int, str | None]] = {}
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError)
 
 
 @dataclass
@@ -50,6 +70,51 @@ class CachedCase:
             return {}
         with np.load(p) as z:
             return {int(k.split("_")[1]): z[k] for k in z.files}
+
+    def verify(self) -> None:
+        """Raise :class:`BadCaseError` unless the arrays open and match case.json's crc32 checksums.
+
+        The arrays are read in full once per process (crc32 runs at memory speed); the verdict is kept
+        until case.json changes (a case prepared again is verified again).
+        """
+        meta = self.folder / "case.json"
+        try:
+            stamp = meta.stat().st_mtime_ns
+        except OSError:
+            stamp = -1
+        key = str(self.folder)
+        if key not in _VERDICTS or _VERDICTS[key][0] != stamp:
+            _VERDICTS[key] = (stamp, self._problem())
+        why = _VERDICTS[key][1]
+        if why is not None:
+            raise BadCaseError(self, why)
+
+    def _problem(self) -> str | None:
+        from medmim.data.prepare import array_checksum
+
+        try:
+            meta = json.loads((self.folder / "case.json").read_text())
+            sums = meta.get("checksums", {}) if isinstance(meta, dict) else None
+            if not isinstance(sums, dict):
+                return "case.json is not a case description"
+            image = self.image()
+            if image.ndim != 4:
+                return f"image.npy holds a {image.ndim}D array, expected [C, X, Y, Z]"
+            label = self.label()
+            arrays = [("image.npy", image)] + ([("label.npy", label)] if label is not None else [])
+            if label is not None and label.shape != image.shape[1:]:
+                return f"label.npy shape {label.shape} differs from image.npy's {image.shape[1:]}"
+            for name, arr in arrays:
+                want = sums.get(name)
+                if want is not None and array_checksum(arr) != want:
+                    return f"{name} does not match its checksum in case.json (the file changed or is corrupted)"
+            if label is not None:
+                self.foreground()
+        except FileNotFoundError as e:
+            return f"{Path(e.filename or '?').name} is missing"
+        except _READ_ERRORS as e:
+            return f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        return None
 
 
 @dataclass
@@ -185,12 +250,15 @@ class CropSampler(IterableDataset):
     as large ones) and uniformly random crops otherwise.
 
     ``epochs=None`` streams forever (training by steps); ``transform`` is applied to each crop dict.
+    Every crop also carries ``bad_cases``: the cases skipped since the previous crop (see the module
+    docstring), usually ``""``. ``verify``: check each case's checksums once per process.
     """
 
     def __init__(self, cases: Sequence[CachedCase], roi_size: Sequence[int], crops_per_volume: int = 4,
                  pos_fraction: float = 0.5, seed: int = 0, epochs: int | None = None, start_epoch: int = 0,
                  shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
-                 transform: Callable[[dict], dict] | None = None, pad_value: float = 0.0, use_labels: bool = True):
+                 transform: Callable[[dict], dict] | None = None, pad_value: float = 0.0, use_labels: bool = True,
+                 verify: bool = True):
         if not cases:
             raise MedmimError("no cases to sample crops from (is the cache or the split empty?)")
         self.cases = list(cases)
@@ -205,6 +273,7 @@ class CropSampler(IterableDataset):
         self.transform = transform
         self.pad_value = pad_value
         self.use_labels = use_labels
+        self.verify = verify
 
     def shard(self) -> tuple[int, int]:
         """(this shard's id, number of shards) over DDP ranks x DataLoader workers."""
@@ -215,10 +284,20 @@ class CropSampler(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * nw + wid, world * nw
 
-    def crops_of(self, case: CachedCase, rng: np.random.Generator) -> Iterator[dict]:
-        image = case.image()
-        label = case.label() if self.use_labels else None
-        fg = case.foreground() if label is not None else {}
+    def open(self, case: CachedCase) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """(image, label or None, foreground positions) of a case; :class:`BadCaseError` if unusable."""
+        if self.verify:
+            case.verify()
+        try:
+            image = case.image()
+            label = case.label() if self.use_labels else None
+            fg = case.foreground() if label is not None else {}
+        except _READ_ERRORS as e:
+            raise BadCaseError(case, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+        return image, label, fg
+
+    def crops_of(self, case: CachedCase, rng: np.random.Generator, opened=None) -> Iterator[dict]:
+        image, label, fg = opened if opened is not None else self.open(case)
         shape = image.shape[1:]
         classes = sorted(fg)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
@@ -243,12 +322,25 @@ class CropSampler(IterableDataset):
         shard, n_shards = self.shard()
         epochs = count(self.start_epoch) if self.epochs is None else range(self.start_epoch, self.start_epoch + self.epochs)
         n = len(self.cases)
+        skipped: list[str] = []
         for epoch in epochs:
             order = epoch_order(n, epoch, self.seed, self.shuffle)
+            any_crop = False
             for pos in shard_positions(n, shard, n_shards):
                 case = self.cases[int(order[pos % n])]
                 rng = np.random.default_rng([self.seed, epoch, pos])
-                yield from self.crops_of(case, rng)
+                try:
+                    opened = self.open(case)
+                except BadCaseError as e:
+                    skipped.append(f"{e.folder}\t{e.reason}")
+                    continue
+                for item in self.crops_of(case, rng, opened):
+                    item["bad_cases"] = "\n".join(dict.fromkeys(skipped))
+                    skipped = []
+                    any_crop = True
+                    yield item
+            if not any_crop and self.epochs is None:
+                return  # every case of this shard is unusable: end the stream rather than spin
 
     def crops_per_epoch(self, n_shards: int = 1) -> int:
         """Crops one shard yields per epoch when the work is dealt to ``n_shards``."""

@@ -12,14 +12,29 @@ writes checkpoints, logs and previews. A run folder holds everything about the r
     RUN/checkpoints/best.pt        fine-tuning: best validation mean Dice
     RUN/model.safetensors          the final weights with their config (for transfer and export)
     RUN/previews/step_XXXXXX.png   orthogonal slices: input / masked / reconstruction / target, or overlays
+    RUN/.lock                      flock'ed by the run writing here (pid, host): one run per folder at a time
+
+Faults (see :mod:`medmim.train.guard`):
+- SIGTERM / SIGINT (pre-emption, Ctrl-C): the current step finishes, ``last.pt`` is written, the run
+  prints the ``... resume=auto`` command and exits with 128 + signal (143 / 130); a second signal
+  exits at once. Under DDP the ranks agree each step (one all_reduce of a few flags) to stop together.
+- A NaN/Inf loss or gradient: the step is not applied (no optimizer or scheduler step, the step
+  count stays, the batch is dropped); ``train.on_divergence`` says when to stop or roll back.
+- A cached case that will not open or fails its checksums is skipped and named; more than
+  ``data.max_bad_fraction`` of the training cases skipped stops the run.
+- A checkpoint that cannot be written (disk full, permissions) leaves the previous one intact and
+  stops the run with a MedmimError (exit 2).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import random
+import signal
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -37,6 +52,8 @@ from medmim.data.augment import TwoViews, finetune_transform
 from medmim.data.sampling import CropSampler
 from medmim.errors import MedmimError
 from medmim.train.data import RunCases, finetune_cases, pretrain_cases, resolve_caches
+from medmim.train.guard import (BadCases, DivergenceGuard, RunLock, StopSignals, TrainingInterrupted, grad_norm,
+                                resume_command, worker_init)
 from medmim.train.schedule import effective_lr, warmup_cosine
 
 CKPT_DIR = "checkpoints"
@@ -125,9 +142,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MedmimError(f"{path}: cannot write checkpoint ({e.strerror or e}); the previous one is intact")
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+        _unlink_quietly(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+        raise MedmimError(f"{path}: cannot write checkpoint ({why}); the previous one is intact; stopping")
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def load_training_state(path: Path) -> dict:
@@ -154,24 +182,38 @@ class MetricsLog:
     """metrics.csv (one row per event, columns fixed per task) and TensorBoard scalars, on rank 0."""
 
     def __init__(self, run_dir: Path, columns: list[str], resume_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.path = run_dir / "metrics.csv"
         self.columns = columns
+        self.run_dir = run_dir
+        self.tb = None
+        self.rewind(resume_step)
+
+    def rewind(self, step: int | None) -> None:
+        """Start the log (over) at ``step``: rows past it are dropped, as they will be redone."""
+        from torch.utils.tensorboard import SummaryWriter
+
         rows = []
-        if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as f:  # drop rows past the checkpoint: they will be redone
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in columns})
-        self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step)
+        try:
+            if step is not None and self.path.is_file():
+                with open(self.path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.columns)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: r.get(k, "") for k in self.columns})
+        except OSError as e:
+            raise MedmimError(f"{self.path}: cannot write the metrics log ({e.strerror or e})")
+        if self.tb is not None:
+            self.tb.close()
+        self.tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=step)
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
+        except OSError as e:
+            raise MedmimError(f"{self.path}: cannot write the metrics log ({e.strerror or e}); stopping")
         step = int(row["step"])
         for k, v in row.items():
             if k not in ("step", "epoch", "time_s") and isinstance(v, (int, float)) and math.isfinite(v):
@@ -179,7 +221,9 @@ class MetricsLog:
         self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 # --- the trainer -----------------------------------------------------------------------------
@@ -191,8 +235,19 @@ class Trainer:
         self.cfg = cfg
         self.env = setup_env(cfg.run.device)
         self.log = log if self.env.main else (lambda *a, **k: None)
+        # warnings about data come from whichever rank meets the problem
+        self.warn = log if self.env.main else (lambda s: print(f"[rank {self.env.rank}] {s}", file=sys.stderr, flush=True))
         self.run_dir = Path(cfg.run.dir)
-        t = cfg.train
+        self.lock = RunLock(self.run_dir).acquire() if self.env.main else None  # before anything reads or writes there
+        self.metrics = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         if cfg.task == "pretrain" and tuple(cfg.model.img_size) != tuple(cfg.data.roi_size):
             raise MedmimError(f"model.img_size {list(cfg.model.img_size)} must equal data.roi_size "
                               f"{list(cfg.data.roi_size)} for pretraining")
@@ -227,6 +282,11 @@ class Trainer:
             self.optimizer, lambda s: warmup_cosine(s, self.total_steps, t.warmup_steps, 1.0, t.min_lr / self.peak_lr))
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and self.env.device.type == "cuda")
         self.step, self.best = 0, -math.inf
+        self.guard = DivergenceGuard(t.on_divergence, t.max_bad_steps, t.max_rollbacks)
+        self.lr_scale = 1.0  # product of the rollbacks' lr factors; 1 unless train.on_divergence=rollback fired
+        self.last_ckpt_step: int | None = None  # step of RUN/checkpoints/last.pt, when this process knows it
+        self.signals = StopSignals(announce=False)  # replaced by the live one during fit()
+        self.bad_cases = BadCases([str(c.folder) for c in self.cases.train], cfg.data.max_bad_fraction)
         self.resume_path = find_resume(cfg, self.run_dir)
         if self.resume_path is not None:
             self._restore(self.resume_path)
@@ -267,13 +327,15 @@ class Trainer:
             transform = TwoViews(d.roi_size)
         return CropSampler(cases, d.roi_size, d.crops_per_volume, d.pos_fraction, seed=t.seed if seed is None else seed,
                            epochs=epochs, start_epoch=start_epoch, rank=self.env.rank, world_size=self.env.world,
-                           transform=transform, use_labels=self.cfg.task == "finetune")
+                           transform=transform, use_labels=self.cfg.task == "finetune", verify=d.verify_checksums)
 
     def _loader(self, start_epoch: int) -> DataLoader:
         d = self.cfg.data
+        init = functools.partial(worker_init, self.lock.identity() if self.lock else None) if d.num_workers > 0 else None
         return DataLoader(self._sampler(self.cases.train, start_epoch), batch_size=d.batch_size,
                           num_workers=d.num_workers, pin_memory=self.env.device.type == "cuda",
-                          persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None)
+                          persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
+                          worker_init_fn=init)
 
     # -- checkpoint state --
     def _state(self) -> dict:
@@ -285,11 +347,13 @@ class Trainer:
             "step": self.step,
             "best_metric": self.best,
             "rng_torch": torch.get_rng_state(),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.guard.rollbacks,
             "config": self.cfg.to_dict(),
             "task": self.cfg.task,
         }
 
-    def _restore(self, path: Path) -> None:
+    def _restore(self, path: Path, quiet: bool = False) -> None:
         state = load_training_state(path)
         try:
             self.model.load_state_dict(state["model"])
@@ -301,15 +365,44 @@ class Trainer:
             raise MedmimError(f"resume: {path}: does not match this config's model ({str(e).splitlines()[0][:200]})")
         self.step = int(state["step"])
         self.best = float(state.get("best_metric", -math.inf))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.guard.rollbacks = int(state.get("rollbacks", 0))
+        if path == self.run_dir / CKPT_DIR / "last.pt":
+            self.last_ckpt_step = self.step
         if self.env.world == 1 and "rng_torch" in state:
             torch.set_rng_state(state["rng_torch"])
         else:  # each rank needs its own stream: derive it from the step
             torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.env.rank * 7919 + self.step)
-        self.log(f"resumed from {path} at step {self.step}")
+        if not quiet:
+            self.log(f"resumed from {path} at step {self.step}")
 
-    def _checkpoint(self, name: str) -> None:
+    def _checkpoint(self, name: str, collective: bool = True) -> None:
+        """Rank 0 writes; with ``collective`` every rank learns whether it worked, so all stop together."""
+        err = None
         if self.env.main:
-            save_checkpoint(self.run_dir / CKPT_DIR / name, self._state())
+            try:
+                save_checkpoint(self.run_dir / CKPT_DIR / name, self._state())
+            except MedmimError as e:
+                err = e
+        if collective and self.env.distributed:
+            flag = torch.tensor([float(err is not None)], device=self.env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if err is None and flag.item() > 0:
+                raise MedmimError(f"rank 0 could not write {self.run_dir / CKPT_DIR / name}; stopping")
+        if err is not None:
+            raise err
+        if name == "last.pt":
+            self.last_ckpt_step = self.step
+
+    def close(self) -> None:
+        """Close the logs and release the run folder (idempotent)."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+            self.bar = None
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # -- one step --
     def _forward(self, batch: dict) -> tuple[torch.Tensor, object]:
@@ -328,15 +421,30 @@ class Trainer:
         return out.loss, (x, out)
 
     def fit(self) -> dict:
-        """Train to ``total_steps`` (or the wall-time bound); return a summary dict."""
+        """Train to ``total_steps`` (or the wall-time bound); return a summary dict.
+
+        Raises :class:`~medmim.train.guard.TrainingInterrupted` (a ``SystemExit``, status 128 + signal)
+        after a SIGTERM/SIGINT checkpoint, and :class:`MedmimError` when the run cannot go on: divergence,
+        too many bad cases, a checkpoint that cannot be written. The run folder is released either way.
+        """
+        try:
+            with StopSignals(announce=self.env.main) as self.signals:
+                return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         cfg, t, env = self.cfg, self.cfg.train, self.env
         if cfg.task == "finetune":
             from monai.losses import DiceCELoss
 
             self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         if env.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, self.run_dir / "config.yaml")
+            except OSError as e:
+                raise MedmimError(f"{self.run_dir}: cannot write the run folder ({e.strerror or e})")
             columns = ["step", "epoch", "time_s", "lr", "loss", "crops_per_s", "data_wait_frac", "val_loss"]
             if cfg.task == "finetune":
                 columns += ["val_dice"] + [f"dice_{c}" for c in sorted(self.cases.labels) if c != 0]
@@ -352,12 +460,12 @@ class Trainer:
                  f"{len(self.cases.train)} training, {len(self.cases.val)} validation cases; "
                  f"{self.total_steps} steps of {crops_per_step} crops, peak lr {self.peak_lr:.3g}, "
                  f"{t.precision}, {env.world} process(es) on {env.device.type}")
-        bar = None
+        self.bar = None
         if env.main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.task, unit="step", dynamic_ncols=True,
-                       disable=os.environ.get("MEDMIM_NO_PROGRESS") == "1")
+            self.bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.task, unit="step", dynamic_ncols=True,
+                            disable=os.environ.get("MEDMIM_NO_PROGRESS") == "1")
         t_start = time.perf_counter()
         window = {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "crops": 0}
         stopped_by_time = False
@@ -368,7 +476,7 @@ class Trainer:
             loss_sum, wait = 0.0, 0.0
             for micro in range(t.grad_accum):
                 tw = time.perf_counter()
-                batch = next(data_iter)
+                batch = self._next_batch(data_iter)
                 wait += time.perf_counter() - tw
                 sync = nullcontext() if (not env.distributed or micro == t.grad_accum - 1) else self.ddp_model.no_sync()
                 with sync:
@@ -376,49 +484,169 @@ class Trainer:
                         loss, out = self._forward(batch)
                     self.scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += float(loss.detach()) / t.grad_accum
-            if t.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            lr_used = self.optimizer.param_groups[0]["lr"]  # the lr of this step, logged with it
-            self.scheduler.step()
-            self.step += 1
-            if env.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            window["loss"] += loss_sum
-            window["n"] += 1
-            window["wait"] += wait
-            window["busy"] += dt
-            window["crops"] += crops_per_step
-            window["lr"] = lr_used
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_used:.2e}",
-                                crops_s=f"{window['crops'] / max(window['busy'], 1e-9):.1f}")
-            if self.step % t.log_every == 0 or self.step == self.total_steps:
-                self._log_train(window, t_start)
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "crops": 0}
-            if self.step % self.steps_per_epoch == 0 and env.main:
-                self.log(f"epoch {self.step // self.steps_per_epoch} done at step {self.step}: "
-                         f"loss {loss_sum:.4f}, {time.perf_counter() - t_start:.0f} s")
-            if self.step % t.preview_every == 0 and env.main:
-                self._preview(out)
-            if self.step % t.val_every == 0 or self.step == self.total_steps:
-                self._validate()
-            if self.step % t.ckpt_every == 0:
-                self._checkpoint("last.pt")
+            stop, bad_loss = self._agree(not math.isfinite(loss_sum))
+            why = "non-finite loss" if bad_loss else self._unscale_clip_and_check()
+            if why is not None:
+                self._bad_step(why)
+            else:
+                self.guard.good()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                lr_used = self.optimizer.param_groups[0]["lr"]  # the lr of this step, logged with it
+                self.scheduler.step()
+                self.step += 1
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                window["loss"] += loss_sum
+                window["n"] += 1
+                window["wait"] += wait
+                window["busy"] += dt
+                window["crops"] += crops_per_step
+                window["lr"] = lr_used
+                if self.bar is not None:
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_used:.2e}",
+                                         crops_s=f"{window['crops'] / max(window['busy'], 1e-9):.1f}")
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    self._log_train(window, t_start)
+                    window = {"loss": 0.0, "n": 0, "wait": 0.0, "busy": 0.0, "crops": 0}
+                if self.step % self.steps_per_epoch == 0 and env.main:
+                    self.log(f"epoch {self.step // self.steps_per_epoch} done at step {self.step}: "
+                             f"loss {loss_sum:.4f}, {time.perf_counter() - t_start:.0f} s")
+                if self.step % t.preview_every == 0 and env.main:
+                    self._preview(out)
+                if self.step % t.val_every == 0 or self.step == self.total_steps:
+                    self._validate()
+                if self.step % t.ckpt_every == 0:
+                    self._checkpoint("last.pt")
+            if stop and self.step < self.total_steps:  # a signal at the very end just lets the run finish
+                self._interrupt()
             if t.max_time_min is not None and (time.perf_counter() - t_start) / 60 > t.max_time_min:
                 stopped_by_time = True
                 self.log(f"wall-time bound train.max_time_min={t.max_time_min} reached at step {self.step}")
                 break
-        if bar is not None:
-            bar.close()
-        self._checkpoint("last.pt")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.last_ckpt_step != self.step:
+            self._checkpoint("last.pt")
         summary = self._finish(time.perf_counter() - t_start, start_step)
         summary["stopped_by_time"] = stopped_by_time
         return summary
+
+    # -- faults --
+    def _next_batch(self, data_iter) -> dict:
+        """The next batch; the cases the sampler skipped on the way are counted and named."""
+        try:
+            batch = next(data_iter)
+        except StopIteration:
+            known = f": {self.bad_cases.message()}" if self.bad_cases.seen else ""
+            raise MedmimError(f"no readable training case left (every cached case this process samples is unreadable "
+                              f"or fails its checksums){known}")
+        for text in batch.pop("bad_cases", ()):
+            if text:
+                self.bad_cases.report(text, self.warn)
+        return batch
+
+    def _agree(self, bad_loss: bool) -> tuple[bool, bool]:
+        """(stop requested, loss not finite), the same on every rank: one all_reduce of a few flags a step.
+
+        Under DDP the ranks also pool the cases they skipped, so all judge data.max_bad_fraction alike.
+        """
+        stop, new_bad = self.signals.requested, self.bad_cases.take_new()
+        if self.env.distributed:
+            flags = torch.tensor([float(stop), float(bad_loss), float(new_bad)], device=self.env.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, bad_loss, new_bad = (bool(v > 0) for v in flags.tolist())
+            if new_bad:
+                seen = self.bad_cases.bitmap(self.env.device)
+                dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+                self.bad_cases.merge_bitmap(seen.cpu())
+        if new_bad and self.bad_cases.too_many():
+            raise MedmimError(self.bad_cases.message())
+        return stop, bad_loss
+
+    def _unscale_clip_and_check(self) -> str | None:
+        """Clip the gradients; "non-finite gradient" if they hold NaN/Inf, else None.
+
+        With the fp16 GradScaler on, overflowing gradients are the scaler's business (it skips that
+        update and lowers its scale), so they are not counted as divergence here.
+        """
+        t, scaler_on = self.cfg.train, self.scaler.is_enabled()
+        if not t.grad_clip and scaler_on:
+            return None
+        if scaler_on:
+            self.scaler.unscale_(self.optimizer)
+        if t.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            norm = grad_norm(self.model.parameters())
+        if not scaler_on and not bool(torch.isfinite(norm)):
+            return "non-finite gradient"
+        return None
+
+    def _bad_step(self, why: str) -> None:
+        """Drop this step's update; stop or roll back as train.on_divergence says."""
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        action = self.guard.bad()
+        self.log(f"step {self.step + 1}: {why}: update skipped ({self.guard.streak} in a row; "
+                  f"train.on_divergence={t.on_divergence}, train.max_bad_steps={t.max_bad_steps})")
+        if action == "rollback":
+            self._rollback()
+        elif action == "stop":
+            ckpt = self.run_dir / CKPT_DIR / "last.pt"
+            if ckpt.is_file():
+                at = f" (step {self.last_ckpt_step})" if self.last_ckpt_step is not None else ""
+                kept = f"the last good checkpoint {ckpt}{at} is kept"
+            else:
+                kept = f"no checkpoint had been written to {ckpt.parent} yet"
+            after = f" after {self.guard.rollbacks} rollback(s)" if self.guard.rollbacks else ""
+            raise MedmimError(
+                f"training diverged: {self.guard.streak} step(s) in a row with a non-finite loss or gradient at step "
+                f"{self.step + 1}{after} (train.on_divergence={t.on_divergence}, train.max_bad_steps={t.max_bad_steps}); "
+                f"{kept}; lower train.lr, set train.grad_clip, train.precision=fp32, or train.on_divergence=rollback")
+
+    def _rollback(self) -> None:
+        """Reload RUN/checkpoints/last.pt and go on with the learning rate times train.rollback_lr_factor."""
+        t = self.cfg.train
+        ckpt = self.run_dir / CKPT_DIR / "last.pt"
+        if not ckpt.is_file():
+            raise MedmimError(f"training diverged at step {self.step + 1} and train.on_divergence=rollback has no "
+                              f"checkpoint to go back to yet ({ckpt}); lower train.lr or set a smaller train.ckpt_every")
+        self.env.barrier()
+        scale = self.lr_scale * t.rollback_lr_factor
+        rollbacks = self.guard.rollbacks + 1
+        diverged_at = self.step + 1
+        self._restore(ckpt, quiet=True)
+        factor = scale / self.lr_scale  # relative to the checkpoint's own (possibly already lowered) rates
+        for g in self.optimizer.param_groups:
+            g["lr"] *= factor
+        self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+        self.lr_scale, self.guard.rollbacks, self.guard.streak = scale, rollbacks, 0
+        if self.metrics is not None:
+            self.metrics.rewind(self.step)
+        if getattr(self, "bar", None) is not None:
+            self.bar.n = self.step
+            self.bar.refresh()
+        self.log(f"diverged at step {diverged_at}: rolled back to step {self.step} ({ckpt}) with the learning rate "
+                 f"x{t.rollback_lr_factor:g} (x{scale:g} of the schedule now); rollback {rollbacks} of at most "
+                 f"{t.max_rollbacks}")
+
+    def _interrupt(self) -> None:
+        """After a SIGTERM/SIGINT: checkpoint this step, say how to resume, exit with 128 + signal."""
+        signum = self.signals.signum or signal.SIGTERM  # under DDP another rank may have got it
+        if self.last_ckpt_step != self.step:
+            self._checkpoint("last.pt")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        ckpt = self.run_dir / CKPT_DIR / "last.pt"
+        cmd = resume_command(self.cfg.task, self.run_dir, self.env.distributed)
+        self.log(f"stopped by {signal.Signals(signum).name} after step {self.step} of {self.total_steps}: checkpoint "
+                 f"{ckpt} written. To continue exactly there, run:\n  {cmd}")
+        raise TrainingInterrupted(signum, self.step, ckpt, cmd)
 
     def _log_train(self, w: dict, t_start: float) -> None:
         loss = w["loss"] / max(w["n"], 1)
@@ -450,7 +678,7 @@ class Trainer:
                 self.log(f"step {self.step}: validation mean Dice {row['val_dice']:.4f} (best {max(self.best, row['val_dice']):.4f})")
                 if row["val_dice"] > self.best:
                     self.best = row["val_dice"]
-                    self._checkpoint("best.pt")
+                    self._checkpoint("best.pt", collective=False)
             else:
                 self.log(f"step {self.step}: held-out masked reconstruction loss {row['val_loss']:.4f}")
         self.env.barrier()
@@ -462,6 +690,8 @@ class Trainer:
         gen = torch.Generator(device="cpu").manual_seed(12345)
         losses = []
         for item in sampler:
+            for line in item.pop("bad_cases", "").splitlines():
+                self._warn_val(Path(line.partition("\t")[0]).name, line.partition("\t")[2])
             if self.cfg.pretrain.method == "simclr":
                 out = self.model(item["view1"][None].to(self.env.device), item["view2"][None].to(self.env.device))
                 # a batch of one has no negatives: score the two views' agreement instead
@@ -473,7 +703,15 @@ class Trainer:
             losses.append(float(out.loss))
             if len(losses) >= 16:
                 break
-        return {"val_loss": float(np.mean(losses))}
+        return {"val_loss": float(np.mean(losses)) if losses else float("nan")}
+
+    def _warn_val(self, case, why) -> None:
+        """Name an unusable validation case once; it is left out of the validation metrics."""
+        name = getattr(case, "case_id", case)
+        warned = self.__dict__.setdefault("_val_warned", set())
+        if name not in warned:
+            warned.add(name)
+            self.warn(f"warning: validation case {name} left out: {why}")
 
     def _validate_finetune(self) -> dict:
         """Sliding-window inference over each whole validation volume; MONAI Dice per class (background excluded)."""
@@ -484,14 +722,24 @@ class Trainer:
         t = self.cfg.train
         n_cls = self.cfg.model.num_classes
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        scored = 0
         for case in self.cases.val:
-            x = torch.from_numpy(np.asarray(case.image(), dtype=np.float32))[None].to(self.env.device)
-            y = torch.from_numpy(np.asarray(case.label(), dtype=np.int64))[None, None].to(self.env.device)
+            try:
+                if self.cfg.data.verify_checksums:
+                    case.verify()
+                x = torch.from_numpy(np.asarray(case.image(), dtype=np.float32))[None].to(self.env.device)
+                y = torch.from_numpy(np.asarray(case.label(), dtype=np.int64))[None, None].to(self.env.device)
+            except (MedmimError, OSError, ValueError, EOFError) as e:
+                self._warn_val(case, e)
+                continue
+            scored += 1
             with autocast_for(t.precision, self.env.device):
                 logits = sliding_window_inference(x, self.cfg.model.img_size, t.sw_batch_size, self.model,
                                                   overlap=t.sw_overlap, mode="gaussian")
             pred = logits.float().argmax(1, keepdim=True)
             metric(one_hot(pred, n_cls), one_hot(y, n_cls))
+        if not scored:
+            return {"val_dice": float("nan")}
         per_case = metric.aggregate().cpu().numpy()  # [cases, classes-1], NaN where a class is absent from both
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case stays NaN
@@ -521,12 +769,14 @@ class Trainer:
             from medmim.models.transfer import save_weights
 
             save_weights(self.run_dir / "model.safetensors", _unwrap(self.model), config=self.cfg)
-            if hasattr(self, "metrics"):
+            if self.metrics is not None:
                 self.metrics.close()
         self.env.barrier()
         steps = self.step - start_step
         return {"run_dir": str(self.run_dir), "steps": self.step, "seconds": seconds,
-                "s_per_step": seconds / steps if steps else float("nan"), "best_val_dice": self.best}
+                "s_per_step": seconds / steps if steps else float("nan"), "best_val_dice": self.best,
+                "skipped_steps": self.guard.total, "rollbacks": self.guard.rollbacks,
+                "bad_cases": sorted(self.bad_cases.seen)}
 
 
 def run_training(cfg: Config, log=print) -> dict:
