@@ -27,5 +27,9 @@ demo-quick: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
 
+bench: setup
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

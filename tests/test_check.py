@@ -57,7 +57,7 @@ def _corrupt(kind: str, root: Path) -> tuple[Path, str]:
         _image(root).write_bytes(gzip.compress(raw[: len(raw) - 200]))
         return _image(root), "truncated"
     if kind == "not-an-image":
-        desc = json.loads((root / "dataset.json").read_text())
+        desc = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
         desc["training"][1]["image"] = "./imagesTr/notes.txt"
         (root / "imagesTr" / "notes.txt").write_text("hello")
         (root / "dataset.json").write_text(json.dumps(desc))
@@ -136,7 +136,7 @@ def test_all_problems_are_reported_not_just_the_first(tmp_path: Path) -> None:
 
 def test_multichannel_4d_is_fine_when_declared(tmp_path: Path, capsys) -> None:
     root = write_msd(tmp_path / "ds", n_labeled=2, n_unlabeled=0)
-    desc = json.loads((root / "dataset.json").read_text())
+    desc = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     desc["modality"] = {"0": "FLAIR", "1": "T1w", "2": "T1gd"}
     (root / "dataset.json").write_text(json.dumps(desc))
     for i in range(2):

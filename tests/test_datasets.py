@@ -79,7 +79,7 @@ def test_splits_are_deterministic_and_written_beside_the_data(tmp_path: Path) ->
     root = write_msd(tmp_path / "d", n_labeled=6, n_unlabeled=0)
     ds = load_dataset(root)
     train, val = get_split(ds, fold=1, num_folds=3, seed=0)
-    written = json.loads(splits_path(ds).read_text())
+    written = json.loads(splits_path(ds).read_text(encoding="utf-8"))
     assert len(written) == 3 and written[1] == {"train": train, "val": val}
     # an existing splits file wins over the seed, so runs stay comparable
     assert get_split(ds, fold=1, num_folds=3, seed=99) == (train, val)

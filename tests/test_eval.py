@@ -60,7 +60,7 @@ def test_evaluate_a_checkpoint_writes_csv_markdown_and_overlays(trained, tmp_pat
     rows = list(csv.DictReader(open(tmp_path / "ev" / "metrics.csv")))
     val = {r["case"] for r in rows}
     assert len(val) == 1 and {r["name"] for r in rows} == {"spleen", "right kidney", "left kidney"}
-    assert (tmp_path / "ev" / "metrics.md").read_text().startswith("# Evaluation of")
+    assert (tmp_path / "ev" / "metrics.md").read_text(encoding="utf-8").startswith("# Evaluation of")
     assert list((tmp_path / "ev").glob("overlay_*.png"))
     assert all((tmp_path / "ev" / "predictions" / f"{c}.nii.gz").is_file() for c in val)
 

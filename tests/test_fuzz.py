@@ -293,7 +293,7 @@ def dataset_template(tmp_path_factory) -> Path:
        name=st.sampled_from(["dataset.json", "list.json"]))
 def test_data_check_on_random_dataset_json_exits_0_or_2(dataset_template, capsys, edits, entry_edits, drop, raw,
                                                         name) -> None:
-    original = (dataset_template / "dataset.json").read_text()
+    original = (dataset_template / "dataset.json").read_text(encoding="utf-8")
     desc = json.loads(original)
     for key in drop:
         desc.pop(key, None)

@@ -223,7 +223,7 @@ def test_background_hounsfield_units(cases, seed):
 def test_write_dataset_msd_layout(tmp_path):
     out = write_phantom_dataset(tmp_path / "phantom", labeled=2, unlabeled=1, seed=5, **COARSE)
     assert out == tmp_path / "phantom"
-    desc = json.loads((out / "dataset.json").read_text())
+    desc = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert desc["name"] == "medmim-phantom" and desc["tensorImageSize"] == "3D"
     assert desc["modality"] == {"0": "CT"}
     assert desc["labels"] == {str(k): v for k, v in BTCV_LABELS.items()}

@@ -87,9 +87,9 @@ def test_rerun_skips_done_cases_and_redoes_stale_ones(tmp_path: Path) -> None:
     assert third.done == ["case_001"] and len(third.skipped) == 3
     other = prepare_dataset(root, tmp_path / "c", PrepareSettings(spacing=(2.0, 2.0, 2.0)))
     assert len(other.done) == 4  # new settings: everything redone
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["settings"]["spacing"] == [2.0, 2.0, 2.0]
-    assert json.loads((tmp_path / "c" / "splits_final.json").read_text())[0]["val"]
+    assert json.loads((tmp_path / "c" / "splits_final.json").read_text(encoding="utf-8"))[0]["val"]
 
 
 def test_corrupted_case_fails_alone_with_its_name(tmp_path: Path, capsys) -> None:
@@ -104,7 +104,7 @@ def test_corrupted_case_fails_alone_with_its_name(tmp_path: Path, capsys) -> Non
     for ok in ("case_000", "case_002", "case_003"):
         assert (tmp_path / "c" / "cases" / ok / "image.npy").is_file()
     assert not (tmp_path / "c" / "cases" / "case_001").exists()
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["cases"]["case_001"]["status"] == "failed"
 
 

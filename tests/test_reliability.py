@@ -128,7 +128,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues_there(cache:
     _wait_for_rows(proc, run, 2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM  # 143: terminated by a signal, but cleanly
-    text = err.read_text()
+    text = err.read_text(encoding="utf-8")
     assert "SIGTERM received: finishing the current step" in text, text
     stopped_at = int(text.split("stopped by SIGTERM after step ")[1].split()[0])
     assert f"medmim pretrain {run / 'config.yaml'} resume=auto" in text
@@ -155,7 +155,7 @@ def test_a_second_signal_exits_at_once(cache: Path, tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGINT)
     os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    text = err.read_text()
+    text = err.read_text(encoding="utf-8")
     assert "SIGINT received" in text and "second signal (SIGTERM): exiting at once" in text, text
     assert "stopped by" not in text and not (run / "checkpoints" / "last.pt").exists()
 

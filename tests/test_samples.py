@@ -164,13 +164,13 @@ def test_folders_pass_check_and_list_their_cases(converted):
     for name, d in res.items():
         report = check_dataset(d["path"])
         assert report.ok, report.problems
-    ct = json.loads((res["ct"]["path"] / "dataset.json").read_text())
+    ct = json.loads((res["ct"]["path"] / "dataset.json").read_text(encoding="utf-8"))
     assert ct["modality"] == {"0": "CT"} and ct["labels"] == {"0": "background", "1": "lesion"}
     assert [e["image"] for e in ct["training"]] == ["./imagesTr/lung1.nii.gz", "./imagesTr/lung2.nii.gz"]
     assert ct["test"] == ["./imagesTs/ct_brain_atlas.nii.gz"]
-    mri = json.loads((res["mri"]["path"] / "dataset.json").read_text())
+    mri = json.loads((res["mri"]["path"] / "dataset.json").read_text(encoding="utf-8"))
     assert mri["modality"] == {"0": "MRI"} and mri["test"] == ["./imagesTs/mni152_t1.nii.gz"]
-    tissue = json.loads((res["mri-tissue"]["path"] / "dataset.json").read_text())
+    tissue = json.loads((res["mri-tissue"]["path"] / "dataset.json").read_text(encoding="utf-8"))
     assert tissue["labels"] == {"0": "background", "1": "grey matter", "2": "white matter"}
 
 
@@ -241,7 +241,7 @@ def test_resample_nearest_follows_world_coordinates():
 
 def test_sources_md_lists_files_versions_and_licences(converted):
     out = converted["out"]
-    ct = (out / "ct/SOURCES.md").read_text()
+    ct = (out / "ct/SOURCES.md").read_text(encoding="utf-8")
     for f in ("imagesTr/lung1.nii.gz", "labelsTr/lung2.nii.gz", "imagesTs/ct_brain_atlas.nii.gz",
               "data/lung1_image.nrrd", "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz"):
         assert f in ct
@@ -249,10 +249,10 @@ def test_sources_md_lists_files_versions_and_licences(converted):
     assert "TotalSegmentator | 2.18.0 | License: Apache 2.0" in ct
     assert "Copyright 2017 Fake Licensor" in ct
     assert (out / "ct/licenses/pyradiomics-3.0.1-LICENSE.txt").is_file()
-    mri = (out / "mri/SOURCES.md").read_text()
+    mri = (out / "mri/SOURCES.md").read_text(encoding="utf-8")
     assert "License-Expression: BSD-3-Clause" in mri and '"License" section says: "unknown"' in mri
     assert "data/README.md`: it states no licence" in mri
-    tissue = (out / "mri-tissue/SOURCES.md").read_text()
+    tissue = (out / "mri-tissue/SOURCES.md").read_text(encoding="utf-8")
     assert "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz" in tissue and str(samples.TISSUE_THRESHOLD) in tissue
 
 
@@ -270,7 +270,7 @@ def test_write_samples_downloads_once_then_reuses_the_cache(fake, tmp_path, monk
     assert res["cache_dir"] == cache and res["datasets"]["ct"]["path"] == tmp_path / "out" / "ct"
     assert not (cache / "unpacked/pyradiomics-3.0.1/setup.py").exists()  # only the data and licence files
     assert (cache / "unpacked/pyradiomics-3.0.1/data/lung1_image.nrrd").is_file()
-    assert "sha256" in (tmp_path / "out/ct/SOURCES.md").read_text()
+    assert "sha256" in (tmp_path / "out/ct/SOURCES.md").read_text(encoding="utf-8")
 
     monkeypatch.setattr(samples.subprocess, "run", _no_pip)
     logs: list[str] = []
@@ -315,7 +315,7 @@ def test_pip_that_cannot_start_is_a_medmim_error(tmp_path, monkeypatch):
 
 
 def test_no_registry_host_in_the_code():
-    text = Path(samples.__file__).read_text().lower()
+    text = Path(samples.__file__).read_text(encoding="utf-8").lower()
     assert "pypi.org" not in text and "pythonhosted" not in text and "http" not in text
 
 

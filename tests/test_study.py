@@ -81,7 +81,7 @@ def test_study_runs_end_to_end_and_resumes_without_redoing(tmp_path: Path, capsy
     capsys.readouterr()
     for f in ("summary.md", "cells.csv", "curves.png", "results.json"):
         assert (out / f).is_file()
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     mae = next(c for c in res["cells"] if c["values"]["method"] == "mae")
     assert mae["evaluation"]["cases"] >= 1 and len(mae["curve"]) == 3
     assert "speedup" in mae["speedup_vs_baseline"]
@@ -102,7 +102,7 @@ def test_study_runs_end_to_end_and_resumes_without_redoing(tmp_path: Path, capsy
 def test_demo_quick_writes_the_whole_report(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("MEDMIM_CACHE", str(tmp_path / "cache"))
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
-    report = (tmp_path / "demo" / "report.md").read_text()
+    report = (tmp_path / "demo" / "report.md").read_text(encoding="utf-8")
     for needle in ("## Held-out segmentation", "| method=scratch |", "| method=mae |", "| method=simmim |",
                    "| method=simclr |", "liver", "mean HD95", "## Convergence speed-up", "curves.png",
                    "## Did the runs converge?", "recon_mae.png", "recon_simmim.png", "## Wall time of each stage"):
