@@ -525,6 +525,8 @@ class Trainer:
             if t.max_time_min is not None and (time.perf_counter() - t_start) / 60 > t.max_time_min:
                 stopped_by_time = True
                 self.log(f"wall-time bound train.max_time_min={t.max_time_min} reached at step {self.step}")
+                if self.step % t.val_every != 0:
+                    self._validate()  # the state the run ends in is scored too
                 break
         if self.bar is not None:
             self.bar.close()
