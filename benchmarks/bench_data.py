@@ -139,7 +139,9 @@ def run_pipeline(args: argparse.Namespace) -> dict:
             cache = open_cache(args.cache)
             ds = CropSampler([cache.case(c) for c in cache.case_ids(labeled=True)], roi, args.per_volume,
                              pos_fraction=0.5, seed=0)
-            loader = DataLoader(ds, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0)
+            # the training engine's loader: crops collated into batches inside the workers
+            loader = DataLoader(ds, batch_size=args.batch, num_workers=args.workers,
+                                persistent_workers=args.workers > 0)
         else:
             from monai.data import CacheDataset, Dataset
             from monai.transforms import Compose
@@ -151,17 +153,20 @@ def run_pipeline(args: argparse.Namespace) -> dict:
                 ds = CacheDataset(files * 1, transform=Compose(det + rnd), cache_rate=1.0,
                                   num_workers=max(1, args.workers), progress=False)
                 ds = torch.utils.data.ConcatDataset([ds] * 1000)
-            # MONAI returns a list of num_samples crops per volume: flatten in the loop below
-            loader = DataLoader(ds, batch_size=None, num_workers=args.workers, shuffle=args.pipeline != "monai-otf",
-                                persistent_workers=args.workers > 0)
+            # MONAI returns a list of num_samples crops per volume; list_data_collate stacks them, as in
+            # MONAI's own tutorials: batches of the same number of crops as medmim's
+            from monai.data import list_data_collate
+
+            loader = DataLoader(ds, batch_size=max(1, args.batch // args.per_volume), num_workers=args.workers,
+                                shuffle=args.pipeline != "monai-otf", persistent_workers=args.workers > 0,
+                                collate_fn=list_data_collate)
         # the first crops come out of the DataLoader's prefetch queue: time the steady state after them
-        warm = 2 * max(1, args.workers) * 2 * args.per_volume
-        times, n = [], 0
-        for item in loader:
-            crops = item if isinstance(item, list) else [item]
-            for _ in crops:
-                n += 1
-                times.append(time.perf_counter())
+        warm = 2 * max(1, args.workers) * args.batch  # the DataLoader's prefetched batches
+        times, n = [], 0  # times[i]: when the batch holding crop i arrived
+        for batch in loader:
+            k = int(batch["image"].shape[0])
+            n += k
+            times += [time.perf_counter()] * k
             if n >= warm + args.crops:
                 break
         first = times[0] - t0
@@ -217,7 +222,8 @@ def main() -> None:
     ap.add_argument("--roi", type=int, default=96)
     ap.add_argument("--per-volume", type=int, default=4, help="crops per volume read")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--crops", type=int, default=48, help="crops timed per pipeline, after the prefetched ones")
+    ap.add_argument("--batch", type=int, default=8, help="crops per batch (a multiple of --per-volume)")
+    ap.add_argument("--crops", type=int, default=96, help="crops timed per pipeline, after the prefetched ones")
     ap.add_argument("--prepare-cases", default="10,100", help="dataset sizes for prepare's peak memory")
     ap.add_argument("--clinical", action="store_true", help="also time a 512x512x120 CT")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -240,7 +246,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="medmim-bench-data-"))
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                      "settings": {"roi": args.roi, "crops_per_volume": args.per_volume, "workers": args.workers,
-                                  "crops_timed": args.crops}, "datasets": {}}
+                                  "crops_timed": args.crops, "batch": args.batch}, "datasets": {}}
     datasets = {"phantom": (work / "phantom", {})}
     if args.clinical:
         datasets["clinical-512x512x120"] = (work / "clinical", {"shape": (512, 512, 120), "spacing": (0.7, 0.7, 2.5)})
@@ -256,7 +262,7 @@ def main() -> None:
             crops = args.crops
             print(f"[{name}] {pipe} ...", flush=True)
             rows[pipe] = _child("pipeline", pipeline=pipe, dataset=path, cache=work / f"{name}-cache", roi=args.roi,
-                                per_volume=args.per_volume, workers=args.workers, crops=crops)
+                                per_volume=args.per_volume, workers=args.workers, crops=crops, batch=args.batch)
             print(f"    {rows[pipe]}", flush=True)
         m, otf, cds = rows["medmim"], rows["monai-otf"], rows["monai-cache"]
         rows["ratios"] = {
@@ -288,7 +294,7 @@ def main() -> None:
 def render(r: dict) -> str:
     s = r["settings"]
     lines = [f"# Data loading: medmim vs MONAI ({r['machine']['cpus']} CPUs, roi {s['roi']}³, "
-             f"{s['crops_per_volume']} crops/volume, {s['workers']} workers)", ""]
+             f"{s['crops_per_volume']} crops/volume, batches of {s.get('batch', 1)} crops, {s['workers']} workers)", ""]
     for name, rows in r["datasets"].items():
         lines += [f"## {name} (prepare once: {rows['prepare_s']:.1f} s)", "",
                   "| pipeline | crops/s | s/crop | first crop (s) | peak RSS (MB) | peak PSS (MB) |",

@@ -281,9 +281,14 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    # as medmim's engine: AdamW, fused on CUDA, PyTorch's default implementation on CPU
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+ADAMW_FUSED_BOTH = False  # --adamw fused
+
+
+def make_optimizer(model: nn.Module, side: str) -> torch.optim.Optimizer:
+    # medmim: as its engine, fused AdamW; MONAI ships no optimizer: PyTorch's default AdamW, what a user of
+    # MONAI's networks gets (for-loop on CPU, foreach on CUDA), unless --adamw fused gives both the fused one
+    fused = True if side == "medmim" or ADAMW_FUSED_BOTH else None
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
 
 
 def n_params(model: nn.Module) -> int:
@@ -307,7 +312,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l1:
 
 def train_impl(name: str, model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
                precision: str) -> Impl:
-    opt = make_optimizer(model, device)
+    opt = make_optimizer(model, name)
 
     def run():
         with autocast(device, precision):
@@ -551,11 +556,12 @@ def run_case(impls: list[Impl], device: torch.device, warmup: int, repeats: int,
              keep: tuple[str, ...] = ()) -> dict:
     """Interleave the sides step by step (order alternating); count FLOPs in the first warm-up step.
 
+    Memory is measured in one more, untimed, step per side after the timed ones (on CPU, freeing the heap
+    for an exact high-water mark makes the next step page-fault its memory in again: not in a timed step).
     ``keep``: sides whose last output is returned under ``"outputs"`` (not written to the results).
     """
     probe = MemoryProbe(device, memory)
     times: dict[str, list[float]] = {i.name: [] for i in impls}
-    mem: dict[str, list[float]] = {i.name: [] for i in impls}
     outputs: dict[str, Any] = {}
     for it in range(warmup + repeats):
         order = impls if it % 2 == 0 else impls[::-1]
@@ -568,26 +574,33 @@ def run_case(impls: list[Impl], device: torch.device, warmup: int, repeats: int,
                 impl.warm()
                 continue
             sync(device)
-            probe.start()
             t0 = time.perf_counter()
             out = impl.run()
             sync(device)
             dt = time.perf_counter() - t0
-            m = probe.stop()
             if impl.name in keep and it == warmup + repeats - 1:
                 outputs[impl.name] = out
             del out
             if it >= warmup:
                 times[impl.name].append(dt)
-                if m is not None:
-                    mem[impl.name].append(m)
+    mem: dict[str, float | None] = {}
+    for impl in impls:
+        if memory in ("none", "subprocess") or impl.name == "monai-same":
+            mem[impl.name] = None
+            continue
+        impl.prepare()
+        sync(device)
+        probe.start()
+        out = impl.run()
+        sync(device)
+        mem[impl.name] = probe.stop()
+        del out
     res: dict[str, Any] = {"sides": {}, "outputs": outputs}
     for impl in impls:
         t = times[impl.name]
         res["sides"][impl.name] = {
             "step_s_median": statistics.median(t), "step_s_min": min(t), "step_s_all": t, "params": impl.params,
-            "flops": impl.flops, "flops_note": impl.flops_note, "peak_mem_mib": max(mem[impl.name], default=None),
-            **impl.extra}
+            "flops": impl.flops, "flops_note": impl.flops_note, "peak_mem_mib": mem[impl.name], **impl.extra}
     ref = times[impls[0].name]
     for impl in impls[1:]:
         ratios = [a / b for a, b in zip(ref, times[impl.name])]
@@ -599,7 +612,8 @@ def run_case(impls: list[Impl], device: torch.device, warmup: int, repeats: int,
 def memory_subprocess(task: str, cname: str, precision: str, side: str, device: str, quick: bool) -> dict:
     """Peak RSS of one step of one side in a fresh process (``resource.getrusage``)."""
     cmd = [sys.executable, __file__, "--_memory-probe", json.dumps(
-        {"task": task, "config": cname, "precision": precision, "side": side, "device": device, "quick": quick})]
+        {"task": task, "config": cname, "precision": precision, "side": side, "device": device, "quick": quick,
+         "threads": torch.get_num_threads()})]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines()[::-1]:
         if line.startswith("{"):
@@ -611,6 +625,7 @@ def _memory_probe_main(spec: dict) -> None:
     import resource
 
     device = torch.device(spec["device"])
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     impls = {i.name: i for i in build_case(spec["task"], spec["config"], device, spec["precision"], spec["quick"],
                                            same=False)}
     impl = impls[spec["side"]]
@@ -663,19 +678,26 @@ def render(r: dict) -> str:
         f"{r['versions']['monai']}; memory: {r['memory_method']}. Load averages (1, 5, 15 min) at start "
         f"{r['load_start']}, at end {r['load_end']}; run took {r['seconds'] / 60:.1f} min.",
         "",
+        *([f"**Warning**: {r['warning']}.", ""] if r.get("warning") else []),
         f"Peaks: matmul fp32 {p['matmul_fp32_gflops']:.1f} GFLOP/s, bf16 {p['matmul_bf16_gflops']:.1f} GFLOP/s"
         + (f"; conv3d fp32 {p['conv3d_fp32_gflops']:.1f}, bf16 {p['conv3d_bf16_gflops']:.2f} GFLOP/s"
            if "conv3d_fp32_gflops" in p else "") + f" (load {p['load_start']} -> {p['load_end']}).",
         "",
         "Times are medians after warm-up; *ratio* is the median over repeats of medmim / MONAI for steps run back to "
-        "back (< 1: medmim faster). MFU: counted FLOPs / time / matmul peak of that precision. Memory: peak of a step "
-        "above what was resident before it.",
+        "back (< 1: medmim faster). MFU: counted FLOPs / time / "
+        + ("the GPU's measured bf16 matmul peak (fp32 rows: cuDNN may run convolutions in TF32)"
+           if r.get("device_type") == "cuda" else "matmul peak of that precision")
+        + ". Memory: peak of a step above what was resident before it. AdamW: "
+        + ("the fused implementation on both sides." if r.get("adamw") == "fused" else
+           "medmim's engine uses the fused one; MONAI's networks get PyTorch's default AdamW (no MONAI optimizer).")
+        + " Crops per training step: " + ", ".join(f"{k} {v['batch']}" for k, v in r["configs"].items()) + ".",
         "",
         "| task | config | prec | medmim s | MONAI s | ratio | runs | medmim GFLOP | MONAI GFLOP | medmim MFU | "
         "MONAI MFU | medmim MiB | MONAI MiB | load 1-min |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     notes = []
+    mfu_key = "mfu_vs_bf16_peak" if r.get("device_type") == "cuda" else "mfu"
     for case in r["cases"]:
         head = f"| {case['task']} | {case['config']} | {case['precision']} |"
         if "skipped" in case:
@@ -695,7 +717,7 @@ def render(r: dict) -> str:
                 f"| {label} | {case['config']} | {case['precision']} | {a['step_s_median']:.3f} | "
                 f"{b['step_s_median']:.3f} | **{case[f'ratio_vs_{other}']:.2f}** | {len(a['step_s_all'])} | "
                 f"{_fmt(a['flops'] and a['flops'] / 1e9, '.1f')} | {_fmt(b['flops'] and b['flops'] / 1e9, '.1f')} | "
-                f"{_fmt(a.get('mfu'), '.1%')} | {_fmt(b.get('mfu'), '.1%')} | {_fmt(a['peak_mem_mib'], '.0f')} | "
+                f"{_fmt(a.get(mfu_key), '.1%')} | {_fmt(b.get(mfu_key), '.1%')} | {_fmt(a['peak_mem_mib'], '.0f')} | "
                 f"{_fmt(b['peak_mem_mib'], '.0f')} | {case['load_start'][0]} -> {case['load_end'][0]} |")
         if case["task"] == "predict":
             notes.append(f"predict / {case['config']} / {case['precision']}: volume {case['volume']}; "
@@ -731,6 +753,11 @@ def main() -> None:
     ap.add_argument("--memory", choices=("auto", "hwm", "subprocess", "none"), default="auto",
                     help="CPU peak memory: in-process high-water mark (hwm, default where available) or a fresh "
                          "process per measurement (subprocess: adds one run of each step)")
+    ap.add_argument("--adamw", choices=("defaults", "fused"), default="defaults",
+                    help="defaults: medmim's engine (fused AdamW) vs PyTorch's default AdamW for MONAI's networks; "
+                         "fused: the fused AdamW for both sides (the networks alone compared)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="crops per training step for every configuration (default: the paper's 2, the demo's 4)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -741,6 +768,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global ADAMW_FUSED_BOTH
+    ADAMW_FUSED_BOTH = args.adamw == "fused"
     if args.memory_probe:
         _register_cpu_sdpa_flops()
         _memory_probe_main(json.loads(args.memory_probe))
@@ -748,6 +777,9 @@ def main() -> None:
 
     t_start = time.perf_counter()
     device = torch.device(args.device)
+    if args.batch:
+        for c in CONFIGS.values():
+            c["batch"] = args.batch
     _register_cpu_sdpa_flops()
     configs = (args.configs or ("demo" if args.quick else "paper,demo")).split(",")
     tasks = [t for t in args.tasks.split(",") if t]
@@ -761,12 +793,20 @@ def main() -> None:
 
     r: dict[str, Any] = {
         "device": cpu_info()["model"] if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": cpu_info(), "threads": torch.get_num_threads(), "quick": args.quick, "memory_method": memory,
+        "device_type": device.type, "adamw": args.adamw, "cpu": cpu_info(), "threads": torch.get_num_threads(), "quick": args.quick,
+        "memory_method": memory,
         "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__,
                      "python": platform.python_version()},
         "configs": {k: CONFIGS[k] for k in configs}, "load_start": load(), "cases": [],
     }
     print(f"# {r['device']}, {r['threads']} threads, load {r['load_start']}", flush=True)
+    ncpu = os.cpu_count() or 1
+    if device.type == "cpu" and r["threads"] > 1 and r["load_start"][0] > ncpu - r["threads"] + 0.5:
+        # every parallel region waits for its slowest thread: on a busy machine one descheduled thread stalls
+        # each of the thousands of small ops of a step, and step times become those of the scheduler
+        r["warning"] = (f"load {r['load_start'][0]} on {ncpu} CPUs with {r['threads']} threads: timings are "
+                        "dominated by OpenMP threads waiting for CPU time; consider --threads 1")
+        print("WARNING: " + r["warning"], flush=True)
     r["peaks"] = peaks = measure_peaks(device, args.quick)
     print(f"peaks: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in peaks.items()})}", flush=True)
     peak_of = {"fp32": peaks["matmul_fp32_gflops"] * 1e9, "bf16": peaks["matmul_bf16_gflops"] * 1e9}
@@ -789,7 +829,7 @@ def main() -> None:
                 case["load_start"] = load()
                 try:
                     impls = build_case(task, cname, device, precision, args.quick, same)
-                    case.update(run_case(impls, device, warmup, repeats, memory if memory != "subprocess" else "none",
+                    case.update(run_case(impls, device, warmup, repeats, memory,
                                          keep=("medmim", "monai-same") if same else ()))
                 except Exception as e:  # one failing case must not lose the others
                     case["error"] = f"{type(e).__name__}: {e}"

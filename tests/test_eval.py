@@ -85,6 +85,30 @@ def test_metrics_are_honest(tmp_path: Path, capsys) -> None:
     assert missed.status == "missed" and missed.dice == 0.0 and missed.hd95_mm is None
 
 
+def test_evaluate_table_matches_a_hand_computed_dice(tmp_path: Path, capsys) -> None:
+    """spleen: a 10^3 cube against the same cube 2 slices further: 800 shared voxels, Dice 2*800/2000 = 0.8;
+    right kidney: exact, 1.0; left kidney: in neither, reported absent and left out of the mean (0.9)."""
+    root = write_msd(tmp_path / "ds", n_labeled=1, n_unlabeled=0, shape=(20, 20, 20))
+    gt_img = read_image(root / "labelsTr" / "case_000.nii.gz")
+    gt = np.zeros((20, 20, 20), np.uint8)
+    gt[2:12, 2:12, 2:12] = 1
+    gt[14:18, 14:18, 14:18] = 2
+    pred = gt.copy()
+    pred[pred == 1] = 0
+    pred[2:12, 2:12, 4:14] = 1
+    write_nifti(root / "labelsTr" / "case_000.nii.gz", gt, gt_img.affine)
+    write_nifti(tmp_path / "preds" / "case_000.nii.gz", pred, gt_img.affine)
+    assert main(["evaluate", "--predictions", str(tmp_path / "preds"), "--data", str(root), "--split", "all",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert "mean Dice 0.9000" in capsys.readouterr().out
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "ev" / "metrics.csv", encoding="utf-8"))}
+    assert float(rows["spleen"]["dice"]) == pytest.approx(0.8)
+    assert float(rows["right kidney"]["dice"]) == pytest.approx(1.0)
+    assert rows["left kidney"]["dice"] == "" and rows["left kidney"]["status"] == "absent"
+    table = (tmp_path / "ev" / "metrics.md").read_text(encoding="utf-8")
+    assert "0.800" in table and "absent" in table
+
+
 def test_largest_component_keeps_each_organs_main_body() -> None:
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[2:10, 2:10, 2:10] = 6

@@ -35,7 +35,7 @@ def test_crops_have_the_right_size_and_pad_at_borders(cache: Path) -> None:
     assert len(items) == 8 * 3
     for it in items:
         assert it["image"].shape == (1, 24, 24, 24) and it["image"].dtype == torch.float32
-        assert it["label"].shape == (1, 24, 24, 24) and it["label"].dtype == torch.int64
+        assert it["label"].shape == (1, 24, 24, 24) and it["label"].dtype == torch.uint8
     arr = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
     crop = read_crop(arr, (-1, 2, 0), (3, 3, 3), pad_value=-7)
     assert crop[0].min() == -7 and (crop[1:, :2, :] == arr[0:2, 2:4, 0:3]).all() and (crop[:, 2:, :] == -7).all()

@@ -1,0 +1,153 @@
+"""The speed-ups give the numbers of the plain paths they replace (float tolerance), on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medmim.config import config_from_dict
+from medmim.eval.inference import PredictOptions, Predictor, _softmax_
+from medmim.models import UNETR, SimMIM3D, ViT3D
+from medmim.models.layers import Attention
+from medmim.models.unetr import TrainChannelsLastConv3d, TrainChannelsLastConvTranspose3d
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small ops: one thread avoids OpenMP barriers stalling on a busy machine (tests run in parallel)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(in_channels=1, img_size=32, patch_size=16, hidden_size=48, num_layers=4, num_heads=4, mlp_dim=96)
+
+
+def plain_layers(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with PyTorch's own norms and convolutions (the path before the speed-ups)."""
+    module = copy.deepcopy(module)
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, TrainChannelsLastConv3d):
+                child.__class__ = nn.Conv3d
+            elif isinstance(child, TrainChannelsLastConvTranspose3d):
+                child.__class__ = nn.ConvTranspose3d
+    return module
+
+
+def test_unetr_uses_the_fast_layers_and_keeps_its_state_dict():
+    unetr = UNETR(encoder=ViT3D(**TINY), num_classes=3, feature_size=4)
+    convs = [m for m in unetr.modules() if type(m) in (nn.Conv3d, nn.ConvTranspose3d)]
+    assert convs == [unetr.vit.patch_embed.proj]  # every decoder convolution is swapped, the ViT's is not
+    assert unetr.state_dict().keys() == plain_layers(unetr).state_dict().keys()
+    assert all(p.is_contiguous() for p in unetr.parameters())  # checkpoints stay channels-first
+
+
+def test_unetr_inference_and_training_equal_the_plain_path():
+    torch.manual_seed(0)
+    unetr = UNETR(encoder=ViT3D(**TINY), num_classes=3, feature_size=4).eval()
+    plain = plain_layers(unetr)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(unetr(x), plain(x), rtol=1e-5, atol=1e-5)
+    # a training step (channels-last convolutions): the same loss and gradients up to float rounding
+    unetr.train(), plain.train()
+    la, lb = unetr(x).square().mean(), plain(x).square().mean()
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    # (tolerance on the scale of all gradients: encoder1's 1x1 conv on the 1-channel image, instance-normed
+    # right after, has a gradient of pure rounding noise)
+    scale = max(float(p.grad.abs().max()) for p in plain.parameters())
+    for (name, pa), (_, pb) in zip(unetr.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # and the optimizer sees channels-first gradients, like its parameters
+    assert all(p.grad.is_contiguous() for p in unetr.parameters() if p.grad is not None)
+
+
+def test_simmim_mask_token_select_equals_the_blend():
+    torch.manual_seed(0)
+    model = SimMIM3D(encoder=ViT3D(**{**TINY, "patch_size": 8}), mask_ratio=0.6)
+    x = torch.randn(2, 1, 32, 32, 32)
+    patches, grid = model.encoder.patchify(x)
+    mask = model.random_mask(2, grid, generator=torch.Generator().manual_seed(1)).mask
+
+    def blend():  # the formula before: tokens * (1 - w) + mask_token * w
+        tokens = model.encoder.patch_embed(patches)
+        w = mask.unsqueeze(-1).to(tokens.dtype)
+        tokens = tokens * (1.0 - w) + model.mask_token * w
+        return model.encoder.forward_tokens(tokens + model.encoder.pos_embed_for(grid))
+
+    out_fast, out_ref = model.forward_encoder(patches, grid, mask), blend()
+    torch.testing.assert_close(out_fast, out_ref, rtol=0, atol=1e-6)
+    g_fast = torch.autograd.grad(out_fast.sum(), [model.mask_token, model.encoder.patch_embed.proj.weight])
+    g_ref = torch.autograd.grad(out_ref.sum(), [model.mask_token, model.encoder.patch_embed.proj.weight])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_softmax_equals_softmax():
+    logits = torch.randn(1, 5, 7, 6, 4) * 20
+    ref = torch.softmax(logits, dim=1)
+    out = _softmax_(logits)
+    assert out.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_predictor_equals_monai_sliding_window_with_the_plain_model():
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    unetr = UNETR(encoder=ViT3D(**TINY), num_classes=3, feature_size=4)
+    cfg = config_from_dict({"task": "finetune", "model": {**TINY, "img_size": [32, 32, 32],
+                                                          "patch_size": [16, 16, 16], "num_classes": 3,
+                                                          "feature_size": 4}})
+    plain = plain_layers(unetr).eval()
+    predictor = Predictor(unetr, cfg, PredictOptions(sw_batch_size=3, overlap=0.5, device="cpu"))
+    image = np.random.default_rng(0).random((1, 48, 40, 33), dtype=np.float32)
+    probs = predictor.probabilities(image)
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(image)[None], (32, 32, 32), 3, plain, overlap=0.5,
+                                          mode="gaussian")
+    ref = torch.softmax(logits, dim=1)[0]
+    assert probs.shape == ref.shape == (3, 48, 40, 33)
+    torch.testing.assert_close(probs, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_sdpa_on_the_right_layout():
+    """Fused attention == softmax(q k^T / sqrt(d)) v with heads split as (3, heads, head_dim)."""
+    torch.manual_seed(0)
+    attn = Attention(dim=48, num_heads=4)
+    x = torch.randn(2, 10, 48)
+    qkv = attn.qkv(x).reshape(2, 10, 3, 4, 12)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [N, heads, L, head_dim]
+    w = torch.softmax(q @ k.transpose(-1, -2) / 12**0.5, dim=-1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 10, 48))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), w @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_adamw_on_cpu_gives_the_for_loop_update():
+    """The engine's fused AdamW (CPU too) moves the weights as PyTorch's default AdamW does.
+
+    (A regression MLP: in a ViT some gradients are pure rounding noise, the size of AdamW's eps, where
+    any two summation orders give different update directions; those say nothing about the optimizer.)
+    """
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4))
+    b = copy.deepcopy(a)
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), fused=True)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), foreach=False)
+    x, y = torch.randn(256, 16), torch.randn(256, 4)
+    for _ in range(5):
+        for model, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
