@@ -30,6 +30,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_predict_ct.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

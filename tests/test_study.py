@@ -117,3 +117,35 @@ def test_demo_quick_writes_the_whole_report(tmp_path: Path, capsys, monkeypatch)
     log = capsys.readouterr().out
     assert not re.search(r"^\[(pretrain|finetune)\] .*: \d+ steps$", log, re.M)  # no run started again
     assert log.count("finished before, skipped") == 7  # 3 pretraining + 4 fine-tuning runs
+
+
+def test_pretraining_reads_extra_datasets_each_with_its_own_preset(tmp_path: Path, capsys, monkeypatch) -> None:
+    """data.pretrain_extra (and data.samples, which adds the real scans) reach pretraining, not fine-tuning."""
+    import yaml
+
+    from medmim.data.sampling import open_cache
+    from tests.conftest import write_msd
+
+    monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
+    mri = write_msd(tmp_path / "mri", n_labeled=2, n_unlabeled=1, shape=(24, 22, 20))
+    desc = json.loads((mri / "dataset.json").read_text(encoding="utf-8"))
+    desc["modality"] = {"0": "T1"}
+    (mri / "dataset.json").write_text(json.dumps(desc), encoding="utf-8")
+    raw = yaml.safe_load(TINY)
+    raw["data"]["pretrain_extra"] = [str(mri)]
+    raw["axes"][0]["values"] = raw["axes"][0]["values"][1:]  # mae only
+    raw.pop("baseline")
+    spec = tmp_path / "extra.yaml"
+    spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    out = tmp_path / "study"
+    assert main(["study", str(spec), "--out", str(out)]) == 0, capsys.readouterr().err
+    pre = yaml.safe_load(next((out / "pretrain").glob("*/config.yaml")).read_text(encoding="utf-8"))
+    assert len(pre["data"]["path"]) == 2 and pre["data"]["path"][1] == str(mri)
+    ft = yaml.safe_load(next((out / "cells").glob("*/config.yaml")).read_text(encoding="utf-8"))
+    assert len(ft["data"]["path"]) == 1 and ft["data"]["modality"] == "ct"
+    presets = sorted(open_cache(p).manifest["settings"]["modality"] for p in (out / "cache").iterdir()
+                     if (p / "manifest.json").is_file())
+    assert "mri" in presets
+    bad = dict(raw, data={**raw["data"], "samples": "yes"})
+    spec.write_text(yaml.safe_dump(bad), encoding="utf-8")
+    assert main(["study", str(spec), "--dry-run"]) == 2

@@ -27,7 +27,7 @@ def _echo_err(msg: str) -> None:
 def cli() -> None:
     """medmim: masked image modeling (MAE, SimMIM) pretraining of 3D medical images and UNETR fine-tuning.
 
-    Stages: `data` (check, phantom, prepare, split, samples), `pretrain`, `finetune`, `predict`, `evaluate`, `export`; `demo` and `study` run the paper's experiments; `config` (list, show).
+    Stages: `data` (check, phantom, prepare, split, samples), `pretrain`, `finetune`, `predict`, `evaluate`, `evaluate-recon`, `export`; `demo` and `study` run the paper's experiments; `config` (list, show).
     """
 
 
@@ -108,7 +108,7 @@ def data_prepare(dataset: Path, out: Path, source: str | None, workers: int, ove
     from medmim.data.prepare import PrepareSettings, prepare_dataset
 
     cfg = load_config(source, overrides)
-    settings = PrepareSettings.from_config(cfg.data)
+    settings = PrepareSettings.from_config(cfg.data, dataset)  # data.modality=auto: the dataset's own
     click.echo(f"preparing {dataset} -> {out}: {settings.modality.upper()}, spacing {list(settings.spacing)} mm"
                + (f", HU window {list(settings.hu_window)}" if settings.modality == "ct" else ", z-score") + f", {workers} worker(s)")
     res = prepare_dataset(dataset, out, settings, workers=workers, num_folds=cfg.data.num_folds, seed=cfg.train.seed,
@@ -257,6 +257,35 @@ def evaluate_cmd(checkpoint, predictions, data, split, out, **kw) -> None:
     click.echo(f"mean Dice {md:.4f}" if md is not None else "mean Dice: no class scored", nl=False)
     click.echo(f", mean HD95 {hd:.2f} mm" if hd is not None else "")
     click.echo(f"wrote {out / 'metrics.csv'} and {out / 'metrics.md'}")
+
+
+@cli.command("evaluate-recon")
+@click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path),
+              help="A MAE or SimMIM pretraining checkpoint: RUN/model.safetensors or RUN/checkpoints/last.pt.")
+@click.option("--data", "-d", "data_paths", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="A dataset or prepared cache (repeat for several); prepared with the checkpoint's settings.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Folder for recon.md, recon.csv, recon.png.")
+@click.option("--crops-per-case", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Crops and masks (the same for every method).")
+@click.option("--max-cases", type=click.IntRange(min=1), default=None, help="Score at most this many cases.")
+@click.option("--split", type=click.Choice(["val", "all"]), default="val", show_default=True,
+              help="val: the cases pretraining held out; all: every case (for data the model never saw).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate_recon(checkpoint: Path, data_paths: tuple[Path, ...], out: Path, crops_per_case: int, seed: int,
+                   max_cases: int | None, split: str, device: str) -> None:
+    """Masked-voxel reconstruction error of a pretrained MAE/SimMIM on held-out crops, against two baselines
+    that learn nothing (the mean of the visible voxels; trilinear interpolation of visible patches):
+    whether pretraining learned anatomy rather than averages. Writes recon.md and recon.csv to OUT.
+    """
+    from medmim.eval.recon import LABELS, reconstruction_report
+
+    res = reconstruction_report(checkpoint, list(data_paths), out, crops_per_case=crops_per_case, seed=seed,
+                                max_cases=max_cases, split=split, device=device, log=click.echo)
+    for name, s in res["methods"].items():
+        click.echo(f"{LABELS[name]:<46s} MAE {s['mae']:.4g}  MSE {s['mse']:.4g}  "
+                   f"({s['mae_ratio']:.2f}x / {s['mse_ratio']:.2f}x the visible mean)")
+    click.echo(res["verdict"])
+    click.echo(f"wrote {out / 'recon.md'} and {out / 'recon.csv'}")
 
 
 @cli.command("export")

@@ -43,7 +43,10 @@ class DataConfig(_Section):
     """Where the data is and how it becomes training crops."""
 
     path: list[str] = Field(default_factory=list, description="datasets or prepared caches; several allowed")
-    modality: Literal["ct", "mri"] = "ct"
+    # intensity preset: ct (HU window -> [0, 1]) or mri (z-score over the foreground, per channel); auto: each
+    # dataset's own, from the modality its dataset.json declares (CT -> ct, MR/T1/T2/FLAIR... -> mri; none -> ct),
+    # so phantoms, CTs and MRIs can be pretrained on together. Fine-tuning records the preset its data had.
+    modality: Literal["auto", "ct", "mri"] = "auto"
     spacing: FTriple = (1.5, 1.5, 2.0)  # mm, target voxel size after resampling (BTCV setting of the paper)
     hu_window: tuple[float, float] = (-175.0, 250.0)  # CT intensities clipped to this window, then scaled to [0, 1]
     roi_size: Triple = (96, 96, 96)  # crop size in voxels

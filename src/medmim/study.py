@@ -122,6 +122,11 @@ def load_spec(source: str) -> Spec:
     data = raw["data"]
     if not isinstance(data, dict) or not ({"phantom", "path"} & set(data)):
         raise MedmimError(f"{source}: 'data' needs 'phantom: {{labeled, unlabeled, seed}}' or 'path: DIR'")
+    extra = data.get("pretrain_extra", [])
+    if not isinstance(extra, list) or not all(isinstance(e, str) for e in extra):
+        raise MedmimError(f"{source}: data.pretrain_extra must be a list of dataset folders")
+    if not isinstance(data.get("samples", False), bool):
+        raise MedmimError(f"{source}: data.samples must be true or false")
     axes = []
     for n, ax in enumerate(raw["axes"] or []):
         if not isinstance(ax, dict) or "name" not in ax or not isinstance(ax.get("values"), list) or not ax["values"]:
@@ -268,9 +273,35 @@ class StudyRun:
             return Path(d["path"])
         return self.out / "phantom"
 
+    def pretrain_extra(self) -> list[Path]:
+        """Datasets that pretraining reads besides the study's own (data.pretrain_extra, data.samples)."""
+        d = self.spec.data
+        extra = [Path(p).expanduser() for p in d.get("pretrain_extra", [])]
+        if d.get("samples"):
+            extra += [self.out / "samples" / "ct", self.out / "samples" / "mri"]
+        return extra
+
+    def ensure_extra_data(self) -> None:
+        d = self.spec.data
+        for p in d.get("pretrain_extra", []):
+            if not Path(p).expanduser().exists():
+                raise MedmimError(f"study {self.spec.name}: data.pretrain_extra {p} does not exist")
+        if d.get("samples"):
+            folder = self.out / "samples"
+            if all((folder / k / "dataset.json").is_file() for k in ("ct", "mri")):
+                self.log(f"[data] real sample scans in {folder}: already there")
+                return
+            from medmim.data.samples import write_samples
+
+            t0 = time.perf_counter()
+            self.log(f"[data] real sample scans (pip download, cached) -> {folder}")
+            write_samples(folder, log=self.log)
+            self.stage_seconds["samples"] = time.perf_counter() - t0
+
     def ensure_data(self) -> Path:
         d = self.spec.data
         path = self.dataset_path()
+        self.ensure_extra_data()
         if "path" in d and not path.exists():
             raise MedmimError(f"study {self.spec.name}: data.path {path} does not exist "
                               f"(give your dataset: medmim study {self.spec.name} data.path=DIR)")
@@ -301,7 +332,9 @@ class StudyRun:
             ov = spec.finetune_overrides + cell.finetune
             base = spec.finetune_config
             seed = cell.seed
-        data = [f"data.path={self.cache_path}", f"data.cache_dir={self.out / 'cache'}", f"train.seed={seed}"]
+        paths = [self.cache_path] + (self.pretrain_extra() if which == "pretrain" else [])
+        where = f"data.path=[{','.join(str(p) for p in paths)}]" if len(paths) > 1 else f"data.path={paths[0]}"
+        data = [where, f"data.cache_dir={self.out / 'cache'}", f"train.seed={seed}"]
         return load_config(base, data + ov + self.quick + self.extra)
 
     def prepare(self, dataset: Path) -> None:
@@ -314,7 +347,7 @@ class StudyRun:
         cfg = load_config(self.spec.pretrain_config, self.spec.pretrain_overrides + self.quick + self.extra)
         self.cache_path = self.out / "cache" / "prepared"
         t0 = time.perf_counter()
-        res = prepare_dataset(dataset, self.cache_path, PrepareSettings.from_config(cfg.data),
+        res = prepare_dataset(dataset, self.cache_path, PrepareSettings.from_config(cfg.data, dataset),
                               workers=cfg.data.prepare_workers, num_folds=cfg.data.num_folds, seed=0)
         self.log(f"[prepare] {len(res.done)} prepared, {len(res.skipped)} up to date, {len(res.failed)} failed "
                  f"in {res.seconds:.1f} s -> {self.cache_path}")

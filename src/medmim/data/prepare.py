@@ -50,8 +50,12 @@ class PrepareSettings:
     dtype: str = "float16"
 
     @classmethod
-    def from_config(cls, data_cfg) -> "PrepareSettings":
-        return cls(modality=data_cfg.modality, spacing=tuple(float(s) for s in data_cfg.spacing),
+    def from_config(cls, data_cfg, dataset: str | os.PathLike | None = None) -> "PrepareSettings":
+        """The settings for ``dataset`` (data.modality=auto: the modality the dataset declares)."""
+        modality = data_cfg.modality
+        if modality == "auto":
+            modality = dataset_modality(dataset) if dataset is not None else "ct"
+        return cls(modality=modality, spacing=tuple(float(s) for s in data_cfg.spacing),
                    hu_window=tuple(float(v) for v in data_cfg.hu_window), dtype=data_cfg.cache_dtype)
 
     def to_dict(self) -> dict:
@@ -60,6 +64,19 @@ class PrepareSettings:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_modality(dataset: str | os.PathLike) -> str:
+    """"ct" or "mri" from the channel names a dataset declares (Decathlon's ``modality``; none: "ct")."""
+    names = [m.strip().lower() for m in load_dataset(Path(dataset)).modalities]
+    if not names:
+        return "ct"
+    is_ct = [n in ("ct", "cta", "ncct", "pet-ct") or n.startswith("ct") for n in names]
+    if all(is_ct):
+        return "ct"
+    if not any(is_ct):
+        return "mri"
+    raise MedmimError(f"{dataset}: channels {names} mix CT and other modalities; set data.modality=ct or mri")
 
 
 @dataclass

@@ -8,6 +8,7 @@ depends on the dataset's location and the preprocessing settings, so later runs 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,6 @@ def resolve_caches(data_cfg, log=print, is_main: bool = True, barrier=lambda: No
     """Open every ``data.path`` as a cache, preparing raw datasets first (on the main process only)."""
     if not data_cfg.path:
         raise MedmimError("data.path is empty: give a dataset or a prepared cache (data.path=DIR)")
-    settings = PrepareSettings.from_config(data_cfg)
     caches = []
     for raw in data_cfg.path:
         p = Path(raw).expanduser()
@@ -42,13 +42,14 @@ def resolve_caches(data_cfg, log=print, is_main: bool = True, barrier=lambda: No
         if (p / "manifest.json").is_file():
             cache = open_cache(p)
             got = cache.manifest.get("settings", {})
-            if got.get("spacing") != list(settings.spacing) or got.get("modality") != settings.modality:
+            if got.get("spacing") != list(data_cfg.spacing) or data_cfg.modality not in ("auto", got.get("modality")):
                 log(f"note: cache {p} was prepared at spacing {got.get('spacing')} mm, {got.get('modality')}; "
                     f"it is used as it is (data.spacing/data.modality apply to raw datasets)")
         else:
+            settings = PrepareSettings.from_config(data_cfg, p)  # each dataset its own intensity preset
             target = cache_folder_for(p, settings, data_cfg.cache_dir)
             if is_main:
-                log(f"preparing {p} into {target}")
+                log(f"preparing {p} ({settings.modality.upper()}) into {target}")
                 res = prepare_dataset(p, target, settings, workers=data_cfg.prepare_workers,
                                       num_folds=data_cfg.num_folds, log=lambda s: None)
                 log(f"  {len(res.done)} prepared, {len(res.skipped)} up to date, {len(res.failed)} failed "
@@ -119,3 +120,20 @@ def _channels(caches: list[Cache]) -> int:
     if len(chans) > 1:
         raise MedmimError(f"data.path mixes datasets with different channel counts {sorted(chans)}")
     return chans.pop()
+
+
+def record_preprocessing(data_cfg, caches: list[Cache]) -> None:
+    """Write into ``data_cfg`` the preprocessing the fine-tuning data actually had (modality, spacing, HU
+    window, from the caches' manifests), so that a checkpoint predicts with exactly that preprocessing."""
+    seen = {json.dumps({k: c.manifest.get("settings", {}).get(k) for k in ("modality", "spacing", "hu_window")},
+                       sort_keys=True) for c in caches}
+    if len(seen) > 1:
+        raise MedmimError("fine-tuning data prepared with different settings (" + "; ".join(sorted(seen)) +
+                          "): a model predicts with one preprocessing; prepare them alike or fine-tune on one")
+    got = json.loads(seen.pop())
+    if got.get("modality") in ("ct", "mri"):
+        data_cfg.modality = got["modality"]
+    if got.get("spacing"):
+        data_cfg.spacing = tuple(float(v) for v in got["spacing"])
+    if got.get("hu_window"):
+        data_cfg.hu_window = tuple(float(v) for v in got["hu_window"])

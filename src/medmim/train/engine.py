@@ -51,7 +51,7 @@ from medmim.config import Config, save_config
 from medmim.data.augment import TwoViews, finetune_transform
 from medmim.data.sampling import CropSampler
 from medmim.errors import MedmimError
-from medmim.train.data import RunCases, finetune_cases, pretrain_cases, resolve_caches
+from medmim.train.data import RunCases, finetune_cases, pretrain_cases, record_preprocessing, resolve_caches
 from medmim.train.guard import (BadCases, DivergenceGuard, RunLock, StopSignals, TrainingInterrupted, grad_norm,
                                 resume_command, worker_init)
 from medmim.train.schedule import effective_lr, warmup_cosine
@@ -257,6 +257,8 @@ class Trainer:
             self.cases: RunCases = pretrain_cases(caches, cfg.data.fold, t.seed)
         else:
             self.cases = finetune_cases(caches, cfg.data.fold, cfg.data.label_fraction, t.seed)
+            folders = [c.folder.resolve() for c in self.cases.train + self.cases.val]
+            record_preprocessing(cfg.data, [c for c in caches if any(c.root.resolve() in f.parents for f in folders)])
         if cfg.data.labels is None and self.cases.labels:
             cfg.data.labels = dict(self.cases.labels)
         if cfg.data.lateral_pairs is None:
@@ -485,7 +487,9 @@ class Trainer:
                         loss, out = self._forward(batch)
                     self.scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += float(loss.detach()) / t.grad_accum
-            stop, bad_loss = self._agree(not math.isfinite(loss_sum))
+            # the wall-time bound is judged here, with the other flags, so that DDP ranks stop at the same step
+            time_up = t.max_time_min is not None and (time.perf_counter() - t_start) / 60 > t.max_time_min
+            stop, bad_loss, time_up = self._agree(not math.isfinite(loss_sum), time_up)
             why = "non-finite loss" if bad_loss else self._unscale_clip_and_check()
             if why is not None:
                 self._bad_step(why)
@@ -523,7 +527,7 @@ class Trainer:
                     self._checkpoint("last.pt")
             if stop and self.step < self.total_steps:  # a signal at the very end just lets the run finish
                 self._interrupt()
-            if t.max_time_min is not None and (time.perf_counter() - t_start) / 60 > t.max_time_min:
+            if time_up and self.step < self.total_steps:
                 stopped_by_time = True
                 self.log(f"wall-time bound train.max_time_min={t.max_time_min} reached at step {self.step}")
                 if self.step % t.val_every != 0:
@@ -552,23 +556,24 @@ class Trainer:
                 self.bad_cases.report(text, self.warn)
         return batch
 
-    def _agree(self, bad_loss: bool) -> tuple[bool, bool]:
-        """(stop requested, loss not finite), the same on every rank: one all_reduce of a few flags a step.
+    def _agree(self, bad_loss: bool, time_up: bool = False) -> tuple[bool, bool, bool]:
+        """(stop requested, loss not finite, wall-time bound reached), the same on every rank: one all_reduce
+        of a few flags a step (a rank whose clock passed the bound stops them all at this step).
 
         Under DDP the ranks also pool the cases they skipped, so all judge data.max_bad_fraction alike.
         """
         stop, new_bad = self.signals.requested, self.bad_cases.take_new()
         if self.env.distributed:
-            flags = torch.tensor([float(stop), float(bad_loss), float(new_bad)], device=self.env.device)
+            flags = torch.tensor([float(stop), float(bad_loss), float(new_bad), float(time_up)], device=self.env.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, bad_loss, new_bad = (bool(v > 0) for v in flags.tolist())
+            stop, bad_loss, new_bad, time_up = (bool(v > 0) for v in flags.tolist())
             if new_bad:
                 seen = self.bad_cases.bitmap(self.env.device)
                 dist.all_reduce(seen, op=dist.ReduceOp.MAX)
                 self.bad_cases.merge_bitmap(seen.cpu())
         if new_bad and self.bad_cases.too_many():
             raise MedmimError(self.bad_cases.message())
-        return stop, bad_loss
+        return stop, bad_loss, time_up
 
     def _unscale_clip_and_check(self) -> str | None:
         """Clip the gradients; "non-finite gradient" if they hold NaN/Inf, else None.
