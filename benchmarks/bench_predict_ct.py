@@ -87,7 +87,7 @@ def main() -> None:
           f"{r['medmim']['peak_rss_mib']:.0f} MiB", flush=True)
 
     theirs = theirs.to(args.device).eval()
-    x = torch.from_numpy(np.ascontiguousarray(vol))[None].to(args.device)
+    x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None].to(args.device)
     t = time.perf_counter()
     with torch.inference_mode(), bt.autocast(torch.device(args.device), args.precision):
         logits = sliding_window_inference(x, roi, 1, theirs)
