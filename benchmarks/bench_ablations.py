@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_train as bt  # noqa: E402
+from medmim.models.unetr import plain_layers  # noqa: E402
 
 CL = torch.channels_last_3d
 
@@ -68,20 +69,6 @@ def ab(fns: dict, repeats: int, warmup: int = 1, memory: bool = False) -> dict:
         if mem[k]:
             res[k]["peak_mem_mib"] = max(mem[k])
     return res
-
-
-def plain_layers(module: nn.Module) -> nn.Module:
-    """A copy of medmim's UNETR with PyTorch's own instance norms and convolutions (before the speed-ups)."""
-    from medmim.models.unetr import TrainChannelsLastConv3d, TrainChannelsLastConvTranspose3d
-
-    module = copy.deepcopy(module)
-    for parent in module.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, TrainChannelsLastConv3d):
-                child.__class__ = nn.Conv3d
-            elif isinstance(child, TrainChannelsLastConvTranspose3d):
-                child.__class__ = nn.ConvTranspose3d
-    return module
 
 
 class _GroupNormIN(nn.InstanceNorm3d):

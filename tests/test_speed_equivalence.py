@@ -14,7 +14,7 @@ from medmim.config import config_from_dict
 from medmim.eval.inference import PredictOptions, Predictor, _softmax_
 from medmim.models import UNETR, SimMIM3D, ViT3D
 from medmim.models.layers import Attention
-from medmim.models.unetr import TrainChannelsLastConv3d, TrainChannelsLastConvTranspose3d
+from medmim.models.unetr import TrainChannelsLastConv3d, TrainChannelsLastConvTranspose3d, plain_layers
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -26,18 +26,6 @@ def one_thread():
 
 
 TINY = dict(in_channels=1, img_size=32, patch_size=16, hidden_size=48, num_layers=4, num_heads=4, mlp_dim=96)
-
-
-def plain_layers(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with PyTorch's own norms and convolutions (the path before the speed-ups)."""
-    module = copy.deepcopy(module)
-    for parent in module.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, TrainChannelsLastConv3d):
-                child.__class__ = nn.Conv3d
-            elif isinstance(child, TrainChannelsLastConvTranspose3d):
-                child.__class__ = nn.ConvTranspose3d
-    return module
 
 
 def test_unetr_uses_the_fast_layers_and_keeps_its_state_dict():

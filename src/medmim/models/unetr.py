@@ -74,6 +74,20 @@ class TrainChannelsLastConvTranspose3d(nn.ConvTranspose3d):
                                   self.dilation)
 
 
+def plain_layers(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with PyTorch's own convolutions in place of the classes above (the path
+    before the speed-up; the same parameters): the reference the equivalence tests and ablations use."""
+    import copy
+
+    module = copy.deepcopy(module)
+    for child in module.modules():
+        if isinstance(child, TrainChannelsLastConv3d):
+            child.__class__ = nn.Conv3d
+        elif isinstance(child, TrainChannelsLastConvTranspose3d):
+            child.__class__ = nn.ConvTranspose3d
+    return module
+
+
 def _fast_layers(module: nn.Module) -> None:
     """Swap MONAI's convolutions for the classes above (same parameters, same state dict)."""
     for name, child in module.named_children():
