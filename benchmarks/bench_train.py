@@ -282,6 +282,7 @@ def autocast(device: torch.device, precision: str):
 
 
 ADAMW_FUSED_BOTH = False  # --adamw fused
+COMPILE = False  # --compile
 
 
 def make_optimizer(model: nn.Module, side: str) -> torch.optim.Optimizer:
@@ -313,6 +314,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l1:
 def train_impl(name: str, model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
                precision: str) -> Impl:
     opt = make_optimizer(model, name)
+    if COMPILE:  # both sides alike: forward and loss through torch.compile (inductor)
+        loss_fn = torch.compile(loss_fn)
 
     def run():
         with autocast(device, precision):
@@ -690,6 +693,7 @@ def render(r: dict) -> str:
         + ". Memory: peak of a step above what was resident before it. AdamW: "
         + ("the fused implementation on both sides." if r.get("adamw") == "fused" else
            "medmim's engine uses the fused one; MONAI's networks get PyTorch's default AdamW (no MONAI optimizer).")
+        + (" Training steps run through torch.compile on both sides." if r.get("compile") else "")
         + " Crops per training step: " + ", ".join(f"{k} {v['batch']}" for k, v in r["configs"].items()) + ".",
         "",
         "| task | config | prec | medmim s | MONAI s | ratio | runs | medmim GFLOP | MONAI GFLOP | medmim MFU | "
@@ -756,6 +760,8 @@ def main() -> None:
     ap.add_argument("--adamw", choices=("defaults", "fused"), default="defaults",
                     help="defaults: medmim's engine (fused AdamW) vs PyTorch's default AdamW for MONAI's networks; "
                          "fused: the fused AdamW for both sides (the networks alone compared)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each training step's forward + loss, "
+                    "for both sides (the first, compiling, steps fall in the warm-up)")
     ap.add_argument("--batch", type=int, default=None,
                     help="crops per training step for every configuration (default: the paper's 2, the demo's 4)")
     ap.add_argument("--warmup", type=int, default=None)
@@ -768,8 +774,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    global ADAMW_FUSED_BOTH
+    global ADAMW_FUSED_BOTH, COMPILE
     ADAMW_FUSED_BOTH = args.adamw == "fused"
+    COMPILE = args.compile
     if args.memory_probe:
         _register_cpu_sdpa_flops()
         _memory_probe_main(json.loads(args.memory_probe))
@@ -793,7 +800,7 @@ def main() -> None:
 
     r: dict[str, Any] = {
         "device": cpu_info()["model"] if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "device_type": device.type, "adamw": args.adamw, "cpu": cpu_info(), "threads": torch.get_num_threads(), "quick": args.quick,
+        "device_type": device.type, "adamw": args.adamw, "compile": args.compile, "cpu": cpu_info(), "threads": torch.get_num_threads(), "quick": args.quick,
         "memory_method": memory,
         "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__,
                      "python": platform.python_version()},
