@@ -76,7 +76,14 @@ def test_study_runs_end_to_end_and_resumes_without_redoing(tmp_path: Path, capsy
     spec.write_text(TINY)
     out = tmp_path / "study"
     assert main(["study", str(spec), "--dry-run"]) == 0
-    assert "2 fine-tuning cell(s)" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "2 fine-tuning cell(s)" in out_text and "estimated training time on this machine: ~" in out_text
+    # the estimate is steps x the timed step: 2 fine-tunings of 3 steps + 1 pretraining of 2 steps at 6 s a step
+    import medmim.study as study_mod
+
+    monkeypatch.setattr(study_mod, "measure_step_seconds", lambda cfg, repeats=2: 6.0)
+    assert main(["study", str(spec), "--dry-run"]) == 0
+    assert "~0.8 min (pretraining 0.2 min, fine-tuning 0.6 min" in capsys.readouterr().out
     assert main(["study", str(spec), "--out", str(out)]) == 0
     capsys.readouterr()
     for f in ("summary.md", "cells.csv", "curves.png", "results.json"):

@@ -343,7 +343,8 @@ def demo(out: Path, quick: bool) -> None:
 @click.argument("overrides", nargs=-1)
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Default: studies/SPEC-NAME.")
 @click.option("--dry-run", is_flag=True, help="List the cells and an estimate of their cost; run nothing.")
-def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool) -> None:
+@click.option("--no-estimate", is_flag=True, help="With --dry-run: skip timing a step of each run.")
+def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool, no_estimate: bool) -> None:
     """Run a grid of pretraining x fine-tuning cells from SPEC (a shipped study name or a YAML file),
     skipping finished cells, then write summary.md, cells.csv and curves.png. OVERRIDES (key=value)
     apply to every run, e.g. data.path=/data/btcv for a paper-scale spec.
@@ -357,7 +358,7 @@ def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool
     run = StudyRun(sp, out or Path("studies") / sp.name, [o for o in overrides if not o.startswith("data.path=")],
                    log=click.echo)
     if dry_run:
-        click.echo(dry_run_table(sp, run))
+        click.echo(dry_run_table(sp, run, estimate=not no_estimate))
         return
     os.environ.setdefault("MEDMIM_NO_PROGRESS", "1")
     res = run.run()

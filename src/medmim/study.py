@@ -564,16 +564,88 @@ def plot_curves(path: Path, results: list[dict], spec: Spec) -> Path:
     return path
 
 
-def dry_run_table(spec: Spec, run: StudyRun) -> str:
-    """The cells and an estimate of their cost (steps x crops per step, by run)."""
+def measure_step_seconds(cfg: Config, repeats: int = 2) -> float:
+    """Wall seconds of one optimizer step of ``cfg``'s run on this machine (forward, loss, backward, AdamW;
+    grad_accum micro-batches), timed on synthetic crops after one warm-up step. Data loading, validation
+    and checkpoints are not in it."""
+    import torch
+
+    from medmim.models import build_pretrainer, build_unetr
+    from medmim.train.engine import autocast_for
+
+    dev = torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    n, roi = cfg.data.batch_size, tuple(cfg.data.roi_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, cfg.model.in_channels, *roi, generator=g).to(dev)
+    if cfg.task == "finetune":
+        from monai.losses import DiceCELoss
+
+        model = build_unetr(cfg.model).to(dev).train()
+        y = torch.randint(0, cfg.model.num_classes, (n, 1, *roi), generator=g).to(dev)
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def loss():
+            return dice_ce(model(x).float(), y)
+    else:
+        model = build_pretrainer(cfg).to(dev).train()
+        two_views = cfg.pretrain.method == "simclr"
+
+        def loss():
+            return (model(x, x.flip(-1)) if two_views else model(x)).loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for _ in range(cfg.train.grad_accum):
+            with autocast_for(cfg.train.precision, dev):
+                value = loss()
+            value.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) / repeats
+
+
+def _fmt_minutes(s: float) -> str:
+    return f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def dry_run_table(spec: Spec, run: StudyRun, estimate: bool = True) -> str:
+    """The cells and an estimate of their cost: steps x crops per step by run, and (``estimate``) the wall
+    time of their training steps on this machine, from timing each distinct run's step once."""
     cells = expand_cells(spec)
     lines = [f"study {spec.name}: {len(cells)} fine-tuning cell(s)", ""]
     pre_seen = set()
     total = {"pretrain": 0, "finetune": 0}
+    timed: dict[str, float] = {}  # one timing per distinct run config
+    seconds = {"pretrain": 0.0, "finetune": 0.0}
+
+    def run_seconds(cfg: Config) -> tuple[float, str]:
+        d = cfg.to_dict()
+        key = json.dumps({"task": d["task"], "model": d["model"], "pretrain": d["pretrain"],
+                          "precision": d["train"]["precision"], "accum": d["train"]["grad_accum"],
+                          "batch": cfg.data.batch_size, "roi": list(cfg.data.roi_size)}, sort_keys=True, default=str)
+        if key not in timed:
+            timed[key] = measure_step_seconds(cfg)
+        s = timed[key] * (cfg.train.max_steps or 0)
+        if cfg.train.max_time_min and s > cfg.train.max_time_min * 60:
+            return cfg.train.max_time_min * 60, f" (stopped by train.max_time_min; all steps ~{_fmt_minutes(s)})"
+        return s, ""
+
     for c in cells:
         f = load_config(spec.finetune_config, spec.finetune_overrides + c.finetune + run.quick + run.extra)
         fs = (f.train.max_steps or 0) * f.data.batch_size
         total["finetune"] += f.train.max_steps or 0
+        est = ""
+        if estimate:
+            sec, note = run_seconds(f)
+            seconds["finetune"] += sec
+            est = f", ~{_fmt_minutes(sec)}{note}"
         pre = "scratch"
         if c.pretrain is not None:
             p = load_config(spec.pretrain_config, spec.pretrain_overrides + c.pretrain + run.quick + run.extra)
@@ -582,8 +654,19 @@ def dry_run_table(spec: Spec, run: StudyRun) -> str:
             if key not in pre_seen:
                 pre_seen.add(key)
                 total["pretrain"] += p.train.max_steps or 0
+                if estimate:
+                    sec, note = run_seconds(p)
+                    seconds["pretrain"] += sec
+                    pre += f" ~{_fmt_minutes(sec)}{note}"
+            else:
+                pre += " (shared)"
         lines.append(f"- {c.group}, seed {c.seed}: pretrain {pre}; fine-tune {f.train.max_steps} steps x "
-                     f"{f.data.batch_size} crops ({fs} crops), roi {list(f.data.roi_size)}")
+                     f"{f.data.batch_size} crops ({fs} crops){est}, roi {list(f.data.roi_size)}")
     lines += ["", f"{len(pre_seen)} pretraining run(s), {total['pretrain']} steps in all; "
                   f"{len(cells)} fine-tuning run(s), {total['finetune']} steps in all"]
+    if estimate:
+        lines += [f"estimated training time on this machine: ~{_fmt_minutes(sum(seconds.values()))} "
+                  f"(pretraining {_fmt_minutes(seconds['pretrain'])}, fine-tuning {_fmt_minutes(seconds['finetune'])}; "
+                  "from timing 2 steps of each distinct run on synthetic crops; data preparation, validation, "
+                  "evaluation and other load on the machine not included)"]
     return "\n".join(lines)
