@@ -59,3 +59,12 @@ def test_mask_to_image_and_from_bool():
     assert img[0, 0, :2, :3, :4].eq(1).all() and img[0, 0, :2, :3, 4:].eq(0).all()
     with pytest.raises(ValueError):
         TokenMask.from_bool(torch.tensor([[True, False], [True, True]]))
+
+
+@pytest.mark.parametrize("mask_size", [(1, 1, 1), (2, 2, 1)])
+def test_random_masking_gives_the_index_tensors_from_bool_computes(mask_size):
+    """random_masking passes its known visible count (no device sync): the same TokenMask as from the bool."""
+    m = random_masking(3, (4, 6, 2), mask_ratio=0.75, mask_size=mask_size, generator=torch.Generator().manual_seed(5))
+    ref = TokenMask.from_bool(m.mask)
+    assert torch.equal(m.ids_keep, ref.ids_keep) and torch.equal(m.ids_restore, ref.ids_restore)
+    assert m.num_visible == int((~m.mask[0]).sum())

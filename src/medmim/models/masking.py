@@ -30,17 +30,23 @@ class TokenMask:
     ids_restore: torch.Tensor
 
     @classmethod
-    def from_bool(cls, mask: torch.Tensor) -> "TokenMask":
-        """Build the index tensors from a bool mask [N, L] (each sample must mask as many tokens)."""
+    def from_bool(cls, mask: torch.Tensor, num_visible: int | None = None) -> "TokenMask":
+        """Build the index tensors from a bool mask [N, L] (each sample must mask as many tokens).
+
+        ``num_visible``: the visible tokens per sample when the caller knows it (random_masking does):
+        then the counts are neither checked nor read back from the device, which keeps a GPU step free of
+        host synchronisation and a compiled step free of graph breaks.
+        """
         mask = mask.bool()
-        counts = mask.sum(1)
-        if (counts != counts[0]).any():
-            raise ValueError(f"every sample must mask the same number of tokens, got {counts.tolist()}")
+        if num_visible is None:
+            counts = mask.sum(1)
+            if (counts != counts[0]).any():
+                raise ValueError(f"every sample must mask the same number of tokens, got {counts.tolist()}")
+            num_visible = mask.shape[1] - int(counts[0])
         # stable sort: visible tokens first (in raster order), then masked ones
         ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # [N, L]
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # [N, L]
-        num_keep = mask.shape[1] - int(counts[0])
-        return cls(mask=mask, ids_keep=ids_shuffle[:, :num_keep], ids_restore=ids_restore)
+        return cls(mask=mask, ids_keep=ids_shuffle[:, :num_visible], ids_restore=ids_restore)
 
     @property
     def num_visible(self) -> int:
@@ -95,7 +101,9 @@ def random_masking(
     block_mask = (rank >= num_keep).reshape(batch_size, *coarse)  # [N, bd, bh, bw]
     # every token of a mask block shares its fate
     token_mask = _repeat_grid(block_mask, mask_size).reshape(batch_size, -1)  # [N, L]
-    return TokenMask.from_bool(token_mask.to(device) if device is not None else token_mask)
+    tokens_per_block = int(mask_size[0]) * int(mask_size[1]) * int(mask_size[2])
+    return TokenMask.from_bool(token_mask.to(device) if device is not None else token_mask,
+                               num_visible=num_keep * tokens_per_block)
 
 
 def mask_to_image(mask: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
