@@ -688,7 +688,8 @@ class Trainer:
                     self.best = row["val_dice"]
                     self._checkpoint("best.pt", collective=False)
             else:
-                self.log(f"step {self.step}: held-out masked reconstruction loss {row['val_loss']:.4f}")
+                what = "contrastive" if self.cfg.pretrain.method == "simclr" else "masked reconstruction"
+                self.log(f"step {self.step}: held-out {what} loss {row['val_loss']:.4f}")
         self.env.barrier()
 
     def _validate_pretrain(self) -> dict:
