@@ -571,18 +571,16 @@ def measure_step_seconds(cfg: Config, repeats: int = 2) -> float:
     import torch
 
     from medmim.models import build_pretrainer, build_unetr
-    from medmim.train.engine import autocast_for
+    from medmim.train.engine import autocast_for, segmentation_loss
 
     dev = torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     n, roi = cfg.data.batch_size, tuple(cfg.data.roi_size)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, cfg.model.in_channels, *roi, generator=g).to(dev)
     if cfg.task == "finetune":
-        from monai.losses import DiceCELoss
-
         model = build_unetr(cfg.model).to(dev).train()
         y = torch.randint(0, cfg.model.num_classes, (n, 1, *roi), generator=g).to(dev)
-        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        dice_ce = segmentation_loss()
 
         def loss():
             return dice_ce(model(x).float(), y)

@@ -32,10 +32,7 @@ from monai.transforms import (
     Resized,
 )
 
-
-def plain_tensor(x) -> torch.Tensor:
-    """A MONAI MetaTensor as a plain tensor: collates faster and carries no per-crop metadata."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+from medmim.data.sampling import plain_tensor
 
 
 def swap_table(pairs: Sequence[tuple[int, int]], n: int = 256) -> torch.Tensor:

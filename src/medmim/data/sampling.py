@@ -183,6 +183,11 @@ def label_subset(case_ids: Sequence[str], fraction: float | None = None, count_:
     return sorted(order[:count_])
 
 
+def plain_tensor(x) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor: collates faster and carries no per-crop metadata."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
 def read_crop(arr: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value: float = 0.0) -> np.ndarray:
     """Read ``arr[..., start:start+size]`` over the last 3 axes, padding where it leaves the volume.
 
@@ -316,8 +321,6 @@ class CropSampler(IterableDataset):
             if label is not None:
                 item["label"] = torch.from_numpy(read_crop(label, start, self.roi_size, 0)[None])
             if self.transform is not None:
-                from medmim.data.augment import plain_tensor  # (MONAI: imported only where transforms are used)
-
                 item = {k: plain_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in self.transform(item).items()}
             yield item
 

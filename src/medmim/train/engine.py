@@ -103,6 +103,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def segmentation_loss() -> nn.Module:
+    """The fine-tuning loss: Dice + cross-entropy on softmax outputs against integer labels (the paper's)."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
 def autocast_for(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
@@ -439,9 +446,7 @@ class Trainer:
     def _fit(self) -> dict:
         cfg, t, env = self.cfg, self.cfg.train, self.env
         if cfg.task == "finetune":
-            from monai.losses import DiceCELoss
-
-            self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+            self.loss_fn = segmentation_loss()
         if env.main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
