@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from medmim.cli import main
+from medmim.config import load_config
 from medmim.errors import MedmimError
 from medmim.study import convergence, expand_cells, load_spec, speedup, study_names
 
@@ -58,6 +59,17 @@ def test_shipped_specs_load_and_expand() -> None:
     demo = expand_cells(load_spec("demo"))
     assert [c.values["method"] for c in demo] == ["scratch", "simclr", "mae", "simmim"]
     assert demo[0].pretrain is None and "pretrain.method=simmim" in demo[3].pretrain
+
+
+def test_output_folder_named_like_the_spec_does_not_shadow_it(tmp_path: Path, monkeypatch) -> None:
+    # `medmim study phantom-science --out phantom-science` run a second time from the same folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "phantom-science").mkdir()
+    (tmp_path / "mae-cpu").mkdir()
+    assert load_spec("phantom-science").name == "phantom-science"
+    assert load_config("mae-cpu").pretrain.method == "mae"
+    with pytest.raises(MedmimError, match="missing.yaml: study spec not found"):
+        load_spec("missing.yaml")
 
 
 def test_bad_spec_names_the_key(tmp_path: Path) -> None:

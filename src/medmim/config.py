@@ -266,7 +266,9 @@ def _load_source(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
     if source in seen:
         raise MedmimError(f"{source}: 'base' chain loops back on itself")
     path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # a file path, or a shipped name; a folder that happens to share the name (a study's output folder,
+    # say) does not shadow the shipped one
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise MedmimError(f"{source}: config file not found")
         try:

@@ -96,7 +96,9 @@ def _overrides(v, where: str) -> list[str]:
 def load_spec(source: str) -> Spec:
     """A shipped spec name or a YAML path -> :class:`Spec` (validated; errors name the key)."""
     path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # a file path, or a shipped name; a folder that happens to share the name (a study's output folder,
+    # say) does not shadow the shipped one
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise MedmimError(f"{source}: study spec not found")
         text = path.read_text(encoding="utf-8")
