@@ -61,6 +61,30 @@ def test_shipped_specs_load_and_expand() -> None:
     assert demo[0].pretrain is None and "pretrain.method=simmim" in demo[3].pretrain
 
 
+def test_summary_says_which_differences_are_inside_the_noise_and_which_runs_are_unfinished(tmp_path: Path) -> None:
+    from medmim.study import aggregate, summary_markdown
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1, 2]").replace(
+        "      - {label: mae, pretrain: [pretrain.method=mae]}",
+        "      - {label: mae, pretrain: [pretrain.method=mae]}\n      - {label: simmim, pretrain: [pretrain.method=simmim]}"))
+    spec = load_spec(str(spec_file))
+    flat = [(i * 10, 0.5) for i in range(1, 13)]
+    rising = [(i * 10, 0.04 * i) for i in range(1, 13)]
+    # held-out Dice per seed: scratch 0.50/0.52/0.48 (sd 0.02); mae 0.60/0.61/0.59 (+0.10, beyond);
+    # simmim 0.51/0.45/0.55 (+0.003, inside simmim's own sd 0.05); simmim seed 2 still rising
+    dice = {"scratch": [0.50, 0.52, 0.48], "mae": [0.60, 0.61, 0.59], "simmim": [0.51, 0.45, 0.55]}
+    results = [{"group": f"method={m}", "values": {"method": m}, "seed": s, "cell": f"{m}{s}",
+                "curve": rising if (m, s) == ("simmim", 2) else flat,
+                "evaluation": {"mean_dice": dice[m][s], "mean_hd95": 10.0, "per_class": {}}}
+               for m in dice for s in range(3)]
+    text = summary_markdown(spec, aggregate(spec, results))
+    assert "**Not converged: 1 of 9 runs** (method=simmim (1/3))" in text
+    assert "- method=mae: +0.100 (beyond the spread (0.020))" in text
+    assert "- method=simmim: +0.003 (within the spread (0.050): not a result)" in text
+    assert "method=scratch: " not in text.split("minus method=scratch")[1]
+
+
 def test_output_folder_named_like_the_spec_does_not_shadow_it(tmp_path: Path, monkeypatch) -> None:
     # `medmim study phantom-science --out phantom-science` run a second time from the same folder
     monkeypatch.chdir(tmp_path)
@@ -124,7 +148,7 @@ def test_demo_quick_writes_the_whole_report(tmp_path: Path, capsys, monkeypatch)
     report = (tmp_path / "demo" / "report.md").read_text(encoding="utf-8")
     for needle in ("## Held-out segmentation", "| method=scratch |", "| method=mae |", "| method=simmim |",
                    "| method=simclr |", "liver", "mean HD95", "## Convergence speed-up", "curves.png",
-                   "## Did the runs converge?", "recon_mae.png", "recon_simmim.png", "## Wall time of each stage"):
+                   "## Did the runs converge?", "Not converged: 4 of 4 runs", "they describe this demo's runs", "recon_mae.png", "recon_simmim.png", "## Wall time of each stage"):
         assert needle in report, needle
     for png in ("curves.png", "recon_mae.png", "recon_simmim.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 5000

@@ -82,6 +82,10 @@ def write_report(run: StudyRun, res: dict, wall: float) -> Path:
         if r:
             lines.append(f"| {m} | {sp(r.get('speedup_vs_baseline'))} | "
                          f"{'—' if m == 'simclr' else sp(r.get('speedup_vs_contrastive'))} |")
+    unfinished = [r["group"] for r in cells if not r["convergence"]["converged"]]
+    if unfinished:
+        lines += ["", f"These speed-ups involve runs that had not converged ({', '.join(unfinished)}; see below): "
+                      "they describe this demo's runs, not the method."]
     lines += ["", "![validation Dice against fine-tuning step](curves.png)", ""]
     # honesty about convergence
     lines += ["## Did the runs converge?", ""]

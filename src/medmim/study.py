@@ -535,10 +535,46 @@ def summary_markdown(spec: Spec, rows: list[dict]) -> str:
         for r in rows:
             lines.append(f"| {r['group']} | " + " | ".join(_fmt(r["organs"][c][1], 2) if c in r["organs"] else "—"
                                                          for c in organ_ids) + " |")
+    lines += _reading_notes(spec, rows)
     lines += ["", f"Converged: |relative change of validation Dice over the last quarter of the run| < "
                   f"{CONVERGED_REL_CHANGE:.0%}. Speed-up: (first step the baseline reaches {SPEEDUP_LEVEL:.0%} of its best "
                   f"validation Dice) / (first step the pretrained run reaches it)."]
     return "\n".join(lines) + "\n"
+
+
+def _reading_notes(spec: Spec, rows: list[dict]) -> list[str]:
+    """What a reader may and may not conclude from the table: unfinished runs, and each group's held-out Dice
+    against the baseline's next to the spread between seeds."""
+    out: list[str] = []
+    runs = sum(r["seeds"] for r in rows)
+    unfinished = [f"{r['group']} ({r['seeds'] - r['converged']}/{r['seeds']})" for r in rows if r["converged"] < r["seeds"]]
+    if unfinished:
+        out += ["", f"**Not converged: {sum(r['seeds'] - r['converged'] for r in rows)} of {runs} runs** "
+                    f"({', '.join(unfinished)}). Dice values and speed-ups that involve them compare unfinished runs."]
+    if not spec.baseline:
+        return out
+    diffs = []
+    for r in rows:
+        if _matches(r["values"], spec.baseline):
+            continue
+        want = {**r["values"], **spec.baseline}
+        b = next((q for q in rows if q["values"] == want), None)
+        (m, sd), (bm, bsd) = r["eval_dice"], (b["eval_dice"] if b else (None, None))
+        if m is None or bm is None:
+            continue
+        delta = m - bm
+        if min(r["seeds"], b["seeds"]) < 2:
+            verdict = "one seed: spread unknown"
+        else:
+            spread = max(sd, bsd)
+            verdict = (f"beyond the spread ({spread:.3f})" if abs(delta) > spread
+                       else f"within the spread ({spread:.3f}): not a result")
+        diffs.append(f"- {r['group']}: {delta:+.3f} ({verdict})")
+    if diffs:
+        base = ", ".join(f"{k}={v}" for k, v in spec.baseline.items())
+        out += ["", f"Held-out mean Dice minus {base}'s (spread: the larger standard deviation over seeds of the two):",
+                ""] + diffs
+    return out
 
 
 def plot_curves(path: Path, results: list[dict], spec: Spec) -> Path:
