@@ -134,6 +134,12 @@ def test_study_runs_end_to_end_and_resumes_without_redoing(tmp_path: Path, capsy
     import shutil
 
     shutil.rmtree(out / "cells" / "method-mae_seed0")
+    # --report-only: tables from the finished cells alone, nothing trained
+    assert main(["study", str(spec), "--out", str(out), "--report-only"]) == 0
+    log = capsys.readouterr().out
+    assert "report on 1 of 2 cell(s) finished so far" in log and "steps\n" not in log
+    assert "| method=scratch | 1 |" in log and "| method=mae |" not in log
+    assert not (out / "cells" / "method-mae_seed0").exists()
     assert main(["study", str(spec), "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "[finetune] method-scratch_seed0: finished before, skipped" in log

@@ -344,7 +344,10 @@ def demo(out: Path, quick: bool) -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Default: studies/SPEC-NAME.")
 @click.option("--dry-run", is_flag=True, help="List the cells and an estimate of their cost; run nothing.")
 @click.option("--no-estimate", is_flag=True, help="With --dry-run: skip timing a step of each run.")
-def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool, no_estimate: bool) -> None:
+@click.option("--report-only", is_flag=True,
+              help="Train nothing: write the tables and plot from the cells finished so far.")
+def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool, no_estimate: bool,
+          report_only: bool) -> None:
     """Run a grid of pretraining x fine-tuning cells from SPEC (a shipped study name or a YAML file),
     skipping finished cells, then write summary.md, cells.csv and curves.png. OVERRIDES (key=value)
     apply to every run, e.g. data.path=/data/btcv for a paper-scale spec.
@@ -361,7 +364,7 @@ def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool
         click.echo(dry_run_table(sp, run, estimate=not no_estimate))
         return
     os.environ.setdefault("MEDMIM_NO_PROGRESS", "1")
-    res = run.run()
+    run.run(report_only=report_only)
     click.echo((run.out / "summary.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {run.out / 'summary.md'}, {run.out / 'cells.csv'}, {run.out / 'curves.png'}")
 

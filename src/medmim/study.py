@@ -267,6 +267,7 @@ class StudyRun:
     log: object = print
     quick: list[str] = field(default_factory=list)  # overrides that shrink every run (demo --quick)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    report_only: bool = False  # set by run(report_only=True): never start a training run
 
     # -- data --
     def dataset_path(self) -> Path:
@@ -339,15 +340,18 @@ class StudyRun:
         data = [where, f"data.cache_dir={self.out / 'cache'}", f"train.seed={seed}"]
         return load_config(base, data + ov + self.quick + self.extra)
 
+    def cache_location(self, dataset: Path) -> Path:
+        """Where the study's prepared cache is: the dataset itself when it is a cache already."""
+        return dataset if (dataset / "manifest.json").is_file() else self.out / "cache" / "prepared"
+
     def prepare(self, dataset: Path) -> None:
         """Prepare the dataset once, with the pretraining config's data settings."""
         from medmim.data.prepare import PrepareSettings, prepare_dataset
 
-        if (dataset / "manifest.json").is_file():
-            self.cache_path = dataset
+        self.cache_path = self.cache_location(dataset)
+        if self.cache_path == dataset:
             return
         cfg = load_config(self.spec.pretrain_config, self.spec.pretrain_overrides + self.quick + self.extra)
-        self.cache_path = self.out / "cache" / "prepared"
         t0 = time.perf_counter()
         res = prepare_dataset(dataset, self.cache_path, PrepareSettings.from_config(cfg.data, dataset),
                               workers=cfg.data.prepare_workers, num_folds=cfg.data.num_folds, seed=0)
@@ -366,6 +370,8 @@ class StudyRun:
         if done.is_file():
             self.log(f"[{stage}] {run_dir.name}: finished before, skipped")
             return json.loads(done.read_text(encoding="utf-8"))
+        if self.report_only:
+            raise MedmimError(f"{run_dir}: not finished (no done.json); --report-only trains nothing")
         cfg.run.dir = str(run_dir)
         cfg.resume = "auto"
         self.log(f"[{stage}] {run_dir.name}: {cfg.train.max_steps} steps")
@@ -417,13 +423,23 @@ class StudyRun:
         return {"mean_dice": ev.mean_dice(), "mean_hd95": ev.mean_hd95(), "per_class": per_class,
                 "cases": len(ev.per_case()), "checkpoint": str(ckpt)}
 
-    def run(self, dry_run: bool = False) -> dict:
+    def run(self, dry_run: bool = False, report_only: bool = False) -> dict:
+        """Run every cell not finished yet, then aggregate. ``report_only``: train nothing, and aggregate the
+        cells finished so far (those whose fine-tuning wrote done.json), e.g. while a long study runs."""
         cells = expand_cells(self.spec)
         if dry_run:
             return {"cells": cells}
-        self.out.mkdir(parents=True, exist_ok=True)
-        dataset = self.ensure_data()
-        self.prepare(dataset)
+        if report_only:
+            finished = [c for c in cells if (self.out / "cells" / c.slug / "done.json").is_file()]
+            if not finished:
+                raise MedmimError(f"{self.out}: no finished cell of study {self.spec.name} to report on")
+            self.log(f"report on {len(finished)} of {len(cells)} cell(s) finished so far; nothing is trained")
+            cells = finished
+            self.report_only = True
+            self.cache_path = self.cache_location(self.dataset_path())
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.prepare(self.ensure_data())
         results = []
         for n, cell in enumerate(cells, 1):
             self.log(f"== cell {n}/{len(cells)}: {cell.group}, seed {cell.seed}")
@@ -510,7 +526,6 @@ def write_tables(out: Path, spec: Spec, results: list[dict], rows: list[dict]) -
 def summary_markdown(spec: Spec, rows: list[dict]) -> str:
     base = ", ".join(f"{k}={v}" for k, v in spec.baseline.items()) or "—"
     con = ", ".join(f"{k}={v}" for k, v in spec.contrastive.items()) or "—"
-    seeds = len(spec.seeds)
     lines = [f"| group | seeds | held-out mean Dice | mean HD95 (mm) | best val Dice | converged | "
              f"speed-up vs {base} | speed-up vs {con} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -518,10 +533,11 @@ def summary_markdown(spec: Spec, rows: list[dict]) -> str:
             if f"speedup_vs_{which}" not in r:
                 return "—"
             never = r[f"never_reached_vs_{which}"]
-            txt = _fmt(r[f"speedup_vs_{which}"], 2, seeds)
+            txt = _fmt(r[f"speedup_vs_{which}"], 2, r["seeds"])
             return txt + (f" ({never}/{r['seeds']} never reached)" if never else "")
-        lines.append(f"| {r['group']} | {r['seeds']} | {_fmt(r['eval_dice'], 3, seeds)} | {_fmt(r['eval_hd95'], 1, seeds)} | "
-                     f"{_fmt(r['best_val_dice'], 3, seeds)} | {r['converged']}/{r['seeds']} | {sp('baseline')} | {sp('contrastive')} |")
+        n = r["seeds"]  # a group may have fewer finished seeds than the spec lists (--report-only)
+        lines.append(f"| {r['group']} | {n} | {_fmt(r['eval_dice'], 3, n)} | {_fmt(r['eval_hd95'], 1, n)} | "
+                     f"{_fmt(r['best_val_dice'], 3, n)} | {r['converged']}/{r['seeds']} | {sp('baseline')} | {sp('contrastive')} |")
     organ_ids = []
     for r in rows:
         for c in r["organs"]:
