@@ -480,6 +480,9 @@ def aggregate(spec: Spec, results: list[dict]) -> list[dict]:
                 continue
             b = _partner(results, r, ref)
             r[f"speedup_vs_{which}"] = speedup(b["curve"], r["curve"]) if b else {"speedup": None, "note": "no partner run"}
+            if which == "baseline" and b:  # same seed: same labeled subset, same decoder initialisation
+                mine, theirs = ((q.get("evaluation") or {}).get("mean_dice") for q in (r, b))
+                r["paired_delta"] = mine - theirs if mine is not None and theirs is not None else None
     rows = []
     for group, rs in groups.items():
         row = {"group": group, "values": rs[0]["values"], "seeds": len(rs)}
@@ -487,6 +490,8 @@ def aggregate(spec: Spec, results: list[dict]) -> list[dict]:
         row["eval_hd95"] = _mean_sd([(r.get("evaluation") or {}).get("mean_hd95") for r in rs])
         row["best_val_dice"] = _mean_sd([r["best_val_dice"] for r in rs])
         row["converged"] = sum(bool(r["convergence"]["converged"]) for r in rs)
+        paired = [r["paired_delta"] for r in rs if r.get("paired_delta") is not None]
+        row["paired_delta"], row["paired_n"] = _mean_sd(paired), len(paired)
         row["rel_change"] = _mean_sd([r["convergence"]["rel_change"] for r in rs])
         for which in ("baseline", "contrastive"):
             sps = [r.get(f"speedup_vs_{which}") for r in rs if r.get(f"speedup_vs_{which}")]
@@ -585,11 +590,15 @@ def _reading_notes(spec: Spec, rows: list[dict]) -> list[str]:
             spread = max(sd, bsd)
             verdict = (f"beyond the spread ({spread:.3f})" if abs(delta) > spread
                        else f"within the spread ({spread:.3f}): not a result")
-        diffs.append(f"- {r['group']}: {delta:+.3f} ({verdict})")
+        (pm, psd), pn = r.get("paired_delta", (None, None)), r.get("paired_n", 0)
+        paired = ("" if pm is None else f"; seed by seed: {pm:+.3f} ± {psd:.3f} over {pn}" if pn > 1
+                  else f"; against the same seed: {pm:+.3f}")
+        diffs.append(f"- {r['group']}: {delta:+.3f} ({verdict}{paired})")
     if diffs:
         base = ", ".join(f"{k}={v}" for k, v in spec.baseline.items())
-        out += ["", f"Held-out mean Dice minus {base}'s (spread: the larger standard deviation over seeds of the two):",
-                ""] + diffs
+        out += ["", f"Held-out mean Dice minus {base}'s (spread: the larger standard deviation over seeds of the two; "
+                    "seed by seed: the mean ± SD of the differences between runs of the same seed, which share the "
+                    "labeled subset and the decoder's initialisation):", ""] + diffs
     return out
 
 
