@@ -558,7 +558,9 @@ def summary_markdown(spec: Spec, rows: list[dict]) -> str:
                                                          for c in organ_ids) + " |")
     lines += _reading_notes(spec, rows)
     lines += ["", f"Converged: |relative change of validation Dice over the last quarter of the run| < "
-                  f"{CONVERGED_REL_CHANGE:.0%}. Speed-up: (first step the baseline reaches {SPEEDUP_LEVEL:.0%} of its best "
+                  f"{CONVERGED_REL_CHANGE:.0%}; under the cosine schedule the last quarter runs at 15% of the peak "
+                  f"learning rate or less, so a flat last quarter can also be the schedule running out (a run twice "
+                  f"as long tells which). Speed-up: (first step the baseline reaches {SPEEDUP_LEVEL:.0%} of its best "
                   f"validation Dice) / (first step the pretrained run reaches it)."]
     return "\n".join(lines) + "\n"
 
