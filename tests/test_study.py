@@ -80,6 +80,7 @@ def test_summary_says_which_differences_are_inside_the_noise_and_which_runs_are_
                for m in dice for s in range(3)]
     text = summary_markdown(spec, aggregate(spec, results))
     assert "**Not converged: 1 of 9 runs** (method=simmim (1/3))" in text
+    assert "| converged | speed-up vs method=scratch |\n" in text  # the spec names no contrastive run
     assert "- method=mae: +0.100 (beyond the spread (0.020); seed by seed: +0.100 ± 0.010 over 3)" in text
     assert "- method=simmim: +0.003 (within the spread (0.050): not a result; seed by seed: +0.003 ± 0.070 over 3)" in text
     assert "method=scratch: " not in text.split("minus method=scratch")[1]

@@ -529,10 +529,11 @@ def write_tables(out: Path, spec: Spec, results: list[dict], rows: list[dict]) -
 
 
 def summary_markdown(spec: Spec, rows: list[dict]) -> str:
-    base = ", ".join(f"{k}={v}" for k, v in spec.baseline.items()) or "—"
-    con = ", ".join(f"{k}={v}" for k, v in spec.contrastive.items()) or "—"
-    lines = [f"| group | seeds | held-out mean Dice | mean HD95 (mm) | best val Dice | converged | "
-             f"speed-up vs {base} | speed-up vs {con} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    refs = [(which, ", ".join(f"{k}={v}" for k, v in getattr(spec, which).items()))
+            for which in ("baseline", "contrastive") if getattr(spec, which)]  # a spec may name neither
+    head = ["group", "seeds", "held-out mean Dice", "mean HD95 (mm)", "best val Dice", "converged"]
+    head += [f"speed-up vs {name}" for _, name in refs]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         def sp(which):
             if f"speedup_vs_{which}" not in r:
@@ -542,7 +543,8 @@ def summary_markdown(spec: Spec, rows: list[dict]) -> str:
             return txt + (f" ({never}/{r['seeds']} never reached)" if never else "")
         n = r["seeds"]  # a group may have fewer finished seeds than the spec lists (--report-only)
         lines.append(f"| {r['group']} | {n} | {_fmt(r['eval_dice'], 3, n)} | {_fmt(r['eval_hd95'], 1, n)} | "
-                     f"{_fmt(r['best_val_dice'], 3, n)} | {r['converged']}/{r['seeds']} | {sp('baseline')} | {sp('contrastive')} |")
+                     f"{_fmt(r['best_val_dice'], 3, n)} | {r['converged']}/{r['seeds']} |"
+                     + "".join(f" {sp(which)} |" for which, _ in refs))
     organ_ids = []
     for r in rows:
         for c in r["organs"]:
