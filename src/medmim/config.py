@@ -260,15 +260,19 @@ def _read_yaml(text: str, where: str) -> dict:
     return data
 
 
+def names_a_file(path: Path) -> bool:
+    """Whether a preset/spec argument means a YAML file rather than a shipped name. A folder that happens to
+    share the name (a study's output folder, say) does not shadow the shipped one."""
+    return path.suffix in (".yaml", ".yml") or path.is_file()
+
+
 def _load_source(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
     """A preset name or a YAML path -> a plain dict, with ``base:`` resolved."""
     source = str(source)
     if source in seen:
         raise MedmimError(f"{source}: 'base' chain loops back on itself")
     path = Path(source)
-    # a file path, or a shipped name; a folder that happens to share the name (a study's output folder,
-    # say) does not shadow the shipped one
-    if path.suffix in (".yaml", ".yml") or path.is_file():
+    if names_a_file(path):
         if not path.is_file():
             raise MedmimError(f"{source}: config file not found")
         try:

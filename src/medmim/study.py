@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from medmim.config import Config, load_config
+from medmim.config import Config, load_config, names_a_file
 from medmim.errors import MedmimError
 
 SPEEDUP_LEVEL = 0.95
@@ -96,9 +96,7 @@ def _overrides(v, where: str) -> list[str]:
 def load_spec(source: str) -> Spec:
     """A shipped spec name or a YAML path -> :class:`Spec` (validated; errors name the key)."""
     path = Path(source)
-    # a file path, or a shipped name; a folder that happens to share the name (a study's output folder,
-    # say) does not shadow the shipped one
-    if path.suffix in (".yaml", ".yml") or path.is_file():
+    if names_a_file(path):
         if not path.is_file():
             raise MedmimError(f"{source}: study spec not found")
         text = path.read_text(encoding="utf-8")
@@ -165,6 +163,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("%", "pct")).strip("-")
 
 
+def _group_name(values: dict[str, str]) -> str:
+    """How a group of cells is named in tables: "method=mae, ratio=0.75"."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
 @dataclass
 class Cell:
     values: dict[str, str]  # axis -> label
@@ -174,7 +177,7 @@ class Cell:
 
     @property
     def group(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.values.items())
+        return _group_name(self.values)
 
     @property
     def slug(self) -> str:
@@ -529,7 +532,7 @@ def write_tables(out: Path, spec: Spec, results: list[dict], rows: list[dict]) -
 
 
 def summary_markdown(spec: Spec, rows: list[dict]) -> str:
-    refs = [(which, ", ".join(f"{k}={v}" for k, v in getattr(spec, which).items()))
+    refs = [(which, _group_name(getattr(spec, which)))
             for which in ("baseline", "contrastive") if getattr(spec, which)]  # a spec may name neither
     head = ["group", "seeds", "held-out mean Dice", "mean HD95 (mm)", "best val Dice", "converged"]
     head += [f"speed-up vs {name}" for _, name in refs]
@@ -599,8 +602,7 @@ def _reading_notes(spec: Spec, rows: list[dict]) -> list[str]:
                   else f"; against the same seed: {pm:+.3f}")
         diffs.append(f"- {r['group']}: {delta:+.3f} ({verdict}{paired})")
     if diffs:
-        base = ", ".join(f"{k}={v}" for k, v in spec.baseline.items())
-        out += ["", f"Held-out mean Dice minus {base}'s (spread: the larger standard deviation over seeds of the two; "
+        out += ["", f"Held-out mean Dice minus {_group_name(spec.baseline)}'s (spread: the larger standard deviation over seeds of the two; "
                     "seed by seed: the mean ± SD of the differences between runs of the same seed, which share the "
                     "labeled subset and the decoder's initialisation):", ""] + diffs
     return out
