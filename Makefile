@@ -24,8 +24,10 @@ demo: setup
 demo-quick: setup
 	$(BIN)/medmim demo --quick --out $(DEMO_OUT)-quick
 
+# PYTHONWARNDEFAULTENCODING: text read or written without an explicit encoding in medmim fails the suite
+# (pyproject's filterwarnings), so no code path can come to depend on the process locale
 test: setup
-	$(BIN)/python -m pytest -n 2 -q
+	PYTHONWARNDEFAULTENCODING=1 $(BIN)/python -m pytest -n 2 -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_data.py

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medmim.data.io import write_nifti
+
+@pytest.fixture(autouse=True)
+def _locale_unchanged():
+    """No test may leave the process locale changed: later tests in the same worker would run under it."""
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)
+        pytest.fail(f"the test changed the process locale from {before!r} to {after!r}")
+
 
 LABELS = {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney"}
 

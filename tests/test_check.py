@@ -35,6 +35,19 @@ def test_nnunet_and_folder_pass(nnunet: Path, tmp_path: Path, capsys) -> None:
     assert run_check(nnunet / "imagesTs", capsys)[0] == 0  # a plain folder of images
 
 
+def test_a_dataset_with_no_case_to_train_on_is_rejected(tmp_path: Path, capsys) -> None:
+    # a Decathlon dataset.json with no 'training' key and an empty 'test' list: nothing to pretrain or fine-tune on
+    root = tmp_path / "empty"
+    root.mkdir()
+    desc = root / "dataset.json"
+    desc.write_text(json.dumps({"name": "empty", "modality": {"0": "CT"}, "labels": {"0": "background"},
+                                "numTraining": 0, "test": []}), encoding="utf-8")
+    code, out, err = run_check(root, capsys)
+    assert code == 2 and "passed all checks" not in out
+    assert f"medmim: error: {desc}: no case to train on" in err
+    assert check_dataset(desc).problems[0].path == str(desc)
+
+
 def _label(root: Path, i: int = 1) -> Path:
     return root / "labelsTr" / f"case_{i:03d}.nii.gz"
 

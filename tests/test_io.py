@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -91,7 +92,19 @@ def test_sitk_formats_read_as_ras(tmp_path: Path, suffix: str) -> None:
 
 
 def _write_dicom_series(folder: Path, arr_kji: np.ndarray, spacing, origin) -> None:
-    """Write one 2D DICOM file per slice, with the geometry tags a scanner would set."""
+    """Write one 2D DICOM file per slice, with the geometry tags a scanner would set.
+
+    SimpleITK's DICOM writer switches the whole process's C locale to "C" (ASCII); put it back, so that
+    no later test in this process runs under another locale.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(folder, arr_kji, spacing, origin)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(folder: Path, arr_kji: np.ndarray, spacing, origin) -> None:
     folder.mkdir(parents=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()

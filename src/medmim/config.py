@@ -218,7 +218,7 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def _load_source(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
         if not path.is_file():
             raise MedmimError(f"{source}: config file not found")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise MedmimError(f"{source}: cannot read config ({e.__class__.__name__})")
         data = _read_yaml(text, source)
@@ -284,7 +284,7 @@ def _load_source(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
         preset = resources.files("medmim") / "configs" / f"{source}.yaml"
         if not preset.is_file():
             raise MedmimError(f"unknown preset '{source}' (presets: {', '.join(preset_names())}; or give a .yaml file)")
-        data = _read_yaml(preset.read_text(), f"preset {source}")
+        data = _read_yaml(preset.read_text(encoding="utf-8"), f"preset {source}")
     base = data.pop("base", None)
     if base is not None:
         if not isinstance(base, str):
@@ -383,6 +383,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(cfg.to_yaml())
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
     os.replace(tmp, path)
     return path

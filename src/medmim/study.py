@@ -217,7 +217,7 @@ def read_curve(run_dir: Path) -> list[tuple[int, float]]:
     p = run_dir / "metrics.csv"
     if not p.is_file():
         return []
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8") as f:
         return [(int(r["step"]), float(r["val_dice"])) for r in csv.DictReader(f) if r.get("val_dice")]
 
 
@@ -381,7 +381,7 @@ class StudyRun:
         t0 = time.perf_counter()
         summary = run_training(cfg, log=lambda s: self.log(f"    {s}"))
         summary["wall_s"] = time.perf_counter() - t0
-        done.write_text(json.dumps(summary, indent=1))
+        done.write_text(json.dumps(summary, indent=1), encoding="utf-8")
         self.stage_seconds[f"{stage} {run_dir.name}"] = summary["wall_s"]
         return summary
 
@@ -408,7 +408,7 @@ class StudyRun:
                 result["evaluation"] = json.loads(ev_file.read_text(encoding="utf-8"))
             else:
                 result["evaluation"] = self._evaluate(cell_dir)
-                ev_file.write_text(json.dumps(result["evaluation"], indent=1))
+                ev_file.write_text(json.dumps(result["evaluation"], indent=1), encoding="utf-8")
         return result
 
     def _evaluate(self, cell_dir: Path) -> dict:
@@ -449,7 +449,8 @@ class StudyRun:
             results.append(self.run_cell(cell))
         agg = aggregate(self.spec, results)
         (self.out / "results.json").write_text(json.dumps({"cells": results, "aggregate": agg,
-                                                           "stage_seconds": self.stage_seconds}, indent=1, default=str))
+                                                           "stage_seconds": self.stage_seconds}, indent=1, default=str),
+                                               encoding="utf-8")
         write_tables(self.out, self.spec, results, agg)
         plot_curves(self.out / "curves.png", results, self.spec)
         return {"cells": results, "aggregate": agg}
@@ -518,7 +519,7 @@ def _fmt(ms: tuple[float | None, float | None], digits: int = 3, seeds: int = 1)
 
 
 def write_tables(out: Path, spec: Spec, results: list[dict], rows: list[dict]) -> None:
-    with open(out / "cells.csv", "w", newline="") as f:
+    with open(out / "cells.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["cell", "group", "seed", "eval_mean_dice", "eval_mean_hd95", "best_val_dice", "converged",
                     "rel_change_last_quarter", "speedup_vs_baseline", "speedup_vs_contrastive", "wall_s"])

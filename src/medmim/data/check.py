@@ -202,6 +202,8 @@ def check_dataset(path: str | os.PathLike, progress=None) -> CheckReport:
                 report.add(ds.descriptor, f"lateral pair ({a}, {b}) names undeclared label {v}")
     channels = ds.channels
     cases = ds.cases
+    if not cases:
+        report.add(ds.descriptor or ds.root, "no case to train on: it lists no labeled and no unlabeled image")
     for n, case in enumerate(cases):
         if progress:
             progress(case.case_id, n, len(cases))

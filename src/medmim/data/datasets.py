@@ -394,7 +394,7 @@ def get_split(ds: Dataset, fold: int = 0, num_folds: int = 5, seed: int = 0) -> 
         folds = make_splits(ids, num_folds, seed)
         try:
             tmp = path.with_name(f".tmp-{path.name}")
-            tmp.write_text(json.dumps(folds, indent=1))
+            tmp.write_text(json.dumps(folds, indent=1), encoding="utf-8")
             os.replace(tmp, path)
         except OSError:
             warnings.warn(f"{path}: cannot write the splits file (read-only data?); splits kept in memory")

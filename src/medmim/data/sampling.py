@@ -92,7 +92,7 @@ class CachedCase:
         from medmim.data.prepare import array_checksum
 
         try:
-            meta = json.loads((self.folder / "case.json").read_text())
+            meta = json.loads((self.folder / "case.json").read_text(encoding="utf-8"))
             sums = meta.get("checksums", {}) if isinstance(meta, dict) else None
             if not isinstance(sums, dict):
                 return "case.json is not a case description"
@@ -147,7 +147,7 @@ class Cache:
         p = self.root / "splits_final.json"
         if not p.is_file():
             raise MedmimError(f"{p}: missing; the cache holds fewer than 2 labeled cases to split")
-        folds = json.loads(p.read_text())
+        folds = json.loads(p.read_text(encoding="utf-8"))
         if fold >= len(folds):
             raise MedmimError(f"data.fold={fold} but {p} has {len(folds)} folds")
         return folds[fold]["train"], folds[fold]["val"]
@@ -159,7 +159,7 @@ def open_cache(path: str | os.PathLike) -> Cache:
     if not p.is_file():
         raise MedmimError(f"{root}: not a prepared cache (no manifest.json; run `medmim data prepare`)")
     try:
-        manifest = json.loads(p.read_text())
+        manifest = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise MedmimError(f"{p}: unreadable manifest ({type(e).__name__})")
     return Cache(root, manifest)

@@ -100,7 +100,7 @@ class Evaluation:
         return float(np.mean(vals)) if vals else None
 
     def write_csv(self, path: Path) -> Path:
-        with open(path, "w", newline="") as f:
+        with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["case", "label", "name", "dice", "hd95_mm", "status", "gt_voxels", "pred_voxels"])
             for s in self.scores:

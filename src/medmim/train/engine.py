@@ -202,9 +202,9 @@ class MetricsLog:
         rows = []
         try:
             if step is not None and self.path.is_file():
-                with open(self.path, newline="") as f:
+                with open(self.path, newline="", encoding="utf-8") as f:
                     rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-            with open(self.path, "w", newline="") as f:
+            with open(self.path, "w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=self.columns)
                 w.writeheader()
                 for r in rows:
@@ -217,7 +217,7 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         try:
-            with open(self.path, "a", newline="") as f:
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
         except OSError as e:
             raise MedmimError(f"{self.path}: cannot write the metrics log ({e.strerror or e}); stopping")
