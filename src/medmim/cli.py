@@ -297,6 +297,7 @@ def evaluate_recon(checkpoint: Path, data_paths: tuple[Path, ...], out: Path, cr
 def export(checkpoint: Path, fmt: str, out: Path) -> None:
     """Write a checkpoint's weights for use elsewhere."""
     import torch
+    from medmim.fileio import atomic_write
 
     from medmim.models.transfer import encoder_to_monai_vit, read_checkpoint, save_weights
 
@@ -307,9 +308,7 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
         click.echo(f"wrote {len(ckpt.state)} tensors and the config to {out}")
         return
     state = encoder_to_monai_vit(ckpt.state)
-    tmp = out.with_name(f".tmp-{out.name}")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: torch.save(state, tmp))
     click.echo(f"wrote the encoder ({len(state)} tensors) to {out}")
     m = (ckpt.config or {}).get("model")
     if m:

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medmim.errors import MedmimError
+from medmim.fileio import atomic_write_text
 
 Triple = tuple[int, int, int]
 FTriple = tuple[float, float, float]
@@ -380,9 +381,4 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, cfg.to_yaml())

@@ -33,7 +33,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field

@@ -22,6 +22,7 @@ import numpy as np
 
 from medmim.data.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES
 from medmim.errors import MedmimError
+from medmim.fileio import atomic_write_json
 
 SPLITS_FILE = "splits_final.json"
 
@@ -393,9 +394,7 @@ def get_split(ds: Dataset, fold: int = 0, num_folds: int = 5, seed: int = 0) -> 
     else:
         folds = make_splits(ids, num_folds, seed)
         try:
-            tmp = path.with_name(f".tmp-{path.name}")
-            tmp.write_text(json.dumps(folds, indent=1), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_json(path, folds)
         except OSError:
             warnings.warn(f"{path}: cannot write the splits file (read-only data?); splits kept in memory")
     if fold >= len(folds):

@@ -17,7 +17,6 @@ import gzip
 import os
 import re
 import stat
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from medmim.errors import MedmimError
+from medmim.fileio import atomic_write
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -238,18 +238,22 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if (compress if compress is not None else path.name.endswith(".gz")) else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written image gets the usual permissions
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    gz = compress if compress is not None else path.name.endswith(".gz")
+    # nibabel compresses by the file name's suffix: the temporary name carries the wanted one
+    suffix = ".nii.gz" if gz else ".nii"
+
+    def save(tmp: Path) -> None:
+        if tmp.name.endswith(suffix):
+            nib.save(img, tmp)
+            return
+        staged = tmp.with_name(tmp.name + suffix)
+        try:
+            nib.save(img, staged)
+            os.replace(staged, tmp)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    atomic_write(path, save)
     return path
 
 

@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from medmim.errors import MedmimError
+from medmim.fileio import atomic_write_text
 
 BTCV_LABELS: dict[int, str] = {
     0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder",
@@ -189,7 +188,7 @@ def write_phantom_dataset(out_dir, labeled: int, unlabeled: int, seed: int = 0, 
         "lateral_pairs": [list(p) for p in BTCV_LATERAL_PAIRS],
         "medmim_phantom": {"seed": seed, "shape": list(shape), "spacing": list(spacing), "case_seeds": seeds},
     }
-    _write_text_atomic(out_dir / "dataset.json", json.dumps(desc, indent=2) + "\n")
+    atomic_write_text(out_dir / "dataset.json", json.dumps(desc, indent=2) + "\n")
     return out_dir
 
 
@@ -244,16 +243,6 @@ def _check_geometry(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, 
     return shape_t, spacing_t
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _affine(shape, spacing) -> np.ndarray:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,6 +33,7 @@ import numpy as np
 from medmim.data.datasets import Case, Dataset, get_split, load_dataset
 from medmim.data.io import read_image
 from medmim.errors import MedmimError
+from medmim.fileio import atomic_write_json
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -284,9 +284,7 @@ def _read_manifest(cache: Path) -> dict:
 
 
 def _write_manifest(cache: Path, manifest: dict) -> None:
-    tmp = cache / f".tmp-{MANIFEST}"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(tmp, cache / MANIFEST)
+    atomic_write_json(cache / MANIFEST, manifest)
 
 
 def prepare_dataset(source: str | os.PathLike | Dataset, out: str | os.PathLike, settings: PrepareSettings,

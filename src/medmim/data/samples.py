@@ -37,7 +37,6 @@ import email.parser
 import fnmatch
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shlex
@@ -55,6 +54,7 @@ import numpy as np
 
 from medmim.data.io import Image, read_image, write_nifti
 from medmim.errors import MedmimError
+from medmim.fileio import atomic_write_json
 
 # a voxel is grey or white matter when the larger of the two probabilities reaches this
 TISSUE_THRESHOLD = 0.5
@@ -595,9 +595,7 @@ def convert_samples(out_dir: str | os.PathLike, roots: dict[str, str | os.PathLi
             "numTraining": len(training), "numTest": len(test),
             "training": training, "test": test,
         }
-        tmp = folder / ".tmp-dataset.json"
-        tmp.write_text(json.dumps(desc, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / "dataset.json")
+        atomic_write_json(folder / "dataset.json", desc)
         _write_sources(folder, spec, written, infos)
         result[spec.name] = {"path": folder, "labeled": len(training), "unlabeled": len(test), "cases": written}
     return result

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from medmim.errors import MedmimError
+from medmim.fileio import atomic_write
 from medmim.models.layers import interpolate_pos_embed
 from medmim.models.vit import ViT3D
 
@@ -170,11 +171,7 @@ def save_weights(path: str | os.PathLike, weights: nn.Module | Mapping[str, Tens
     cfg = _config_dict(config)
     if cfg is not None:
         metadata["config"] = json.dumps(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
