@@ -56,7 +56,7 @@ def write_msd(root: Path, n_labeled: int = 3, n_unlabeled: int = 2, shape=(12, 1
         test.append(f"./imagesTs/case_{i:03d}.nii.gz")
     desc = {"name": "tiny", "modality": {"0": "CT"}, "labels": LABELS, "numTraining": n_labeled,
             "training": training, "test": test}
-    (root / "dataset.json").write_text(json.dumps(desc, indent=1))
+    (root / "dataset.json").write_text(json.dumps(desc, indent=1), encoding="utf-8")
     return root
 
 
@@ -81,5 +81,5 @@ def nnunet(tmp_path: Path) -> Path:
     desc = {"channel_names": {"0": "T1", "1": "T2"},
             "labels": {"background": 0, "spleen": 1, "right kidney": 2, "left kidney": 3},
             "numTraining": 3, "file_ending": ".nii.gz"}
-    (root / "dataset.json").write_text(json.dumps(desc))
+    (root / "dataset.json").write_text(json.dumps(desc), encoding="utf-8")
     return root

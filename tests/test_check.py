@@ -72,8 +72,8 @@ def _corrupt(kind: str, root: Path) -> tuple[Path, str]:
     if kind == "not-an-image":
         desc = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
         desc["training"][1]["image"] = "./imagesTr/notes.txt"
-        (root / "imagesTr" / "notes.txt").write_text("hello")
-        (root / "dataset.json").write_text(json.dumps(desc))
+        (root / "imagesTr" / "notes.txt").write_text("hello", encoding="utf-8")
+        (root / "dataset.json").write_text(json.dumps(desc), encoding="utf-8")
         return root / "imagesTr" / "notes.txt", "unknown image format"
     if kind == "nan":
         arr = np.zeros((12, 10, 8), np.float32)
@@ -116,7 +116,7 @@ def _corrupt(kind: str, root: Path) -> tuple[Path, str]:
         nib.save(img, _image(root))
         return _image(root), "singular affine"
     if kind == "bad-json":
-        (root / "dataset.json").write_text('{"training": [}')
+        (root / "dataset.json").write_text('{"training": [}', encoding="utf-8")
         return root / "dataset.json", "invalid JSON"
     raise AssertionError(kind)
 
@@ -151,7 +151,7 @@ def test_multichannel_4d_is_fine_when_declared(tmp_path: Path, capsys) -> None:
     root = write_msd(tmp_path / "ds", n_labeled=2, n_unlabeled=0)
     desc = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     desc["modality"] = {"0": "FLAIR", "1": "T1w", "2": "T1gd"}
-    (root / "dataset.json").write_text(json.dumps(desc))
+    (root / "dataset.json").write_text(json.dumps(desc), encoding="utf-8")
     for i in range(2):
         write_nifti(_image(root, i), np.zeros((12, 10, 8, 3), np.float32), tiny_affine())
     assert run_check(root, capsys)[0] == 0

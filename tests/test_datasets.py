@@ -44,7 +44,7 @@ def test_plain_folder_is_unlabeled(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(3):
         write_nifti(tmp_path / "scans" / f"s{i}.nii.gz", tiny_case(rng)[0], tiny_affine())
-    (tmp_path / "scans" / "README.txt").write_text("not an image")
+    (tmp_path / "scans" / "README.txt").write_text("not an image", encoding="utf-8")
     ds = load_dataset(tmp_path / "scans")
     assert ds.format == "folder" and not ds.labeled
     assert [c.case_id for c in ds.unlabeled] == ["s0", "s1", "s2"]
@@ -60,7 +60,7 @@ def test_btcv_style_datalist_keeps_its_validation(tmp_path: Path) -> None:
         "training": [{"image": f"imagesTr/case_{i:03d}.nii.gz", "label": f"labelsTr/case_{i:03d}.nii.gz"} for i in (0, 1, 2)],
         "validation": [{"image": "imagesTr/case_003.nii.gz", "label": "labelsTr/case_003.nii.gz"}],
     }
-    (root / "dataset_0.json").write_text(json.dumps(datalist))
+    (root / "dataset_0.json").write_text(json.dumps(datalist), encoding="utf-8")
     ds = load_dataset(root / "dataset_0.json")
     assert ds.format == "datalist" and len(ds.labeled) == 4
     train, val = get_split(ds)
@@ -85,7 +85,7 @@ def test_splits_are_deterministic_and_written_beside_the_data(tmp_path: Path) ->
     assert get_split(ds, fold=1, num_folds=3, seed=99) == (train, val)
     with pytest.raises(MedmimError, match="data.fold=3 but splits_final.json has 3 folds"):
         get_split(ds, fold=3)
-    splits_path(ds).write_text(json.dumps([{"train": ["ghost"], "val": ["case_000"]}]))
+    splits_path(ds).write_text(json.dumps([{"train": ["ghost"], "val": ["case_000"]}]), encoding="utf-8")
     with pytest.raises(MedmimError, match="names cases not in the dataset \\(ghost\\)"):
         get_split(ds)
 
@@ -100,7 +100,7 @@ def test_splits_are_deterministic_and_written_beside_the_data(tmp_path: Path) ->
     ('{"training": [], "labels": {"0": "bg", "1": "a"}, "modality": {"1": "CT"}}', "must number channels"),
 ])
 def test_invalid_dataset_json_is_named(tmp_path: Path, content: str, message: str) -> None:
-    (tmp_path / "dataset.json").write_text(content)
+    (tmp_path / "dataset.json").write_text(content, encoding="utf-8")
     with pytest.raises(MedmimError, match=message) as e:
         load_dataset(tmp_path)
     assert "dataset.json" in str(e.value)

@@ -13,9 +13,16 @@ from medmim.cli import main
 from medmim.config import load_config
 from medmim.data.io import read_image, write_nifti
 from medmim.data.prepare import PrepareSettings, prepare_dataset
+from medmim.eval.evaluate import evaluate
 from medmim.eval.inference import PredictOptions, Predictor, largest_component_per_class
 from medmim.eval.metrics import score_case
 from tests.conftest import write_msd
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
 
 FAST = ["train.log_every=1", "train.val_every=100", "train.preview_every=100", "train.ckpt_every=100",
         "data.num_workers=0"]
@@ -44,8 +51,9 @@ def test_predict_writes_labels_in_the_original_geometry(trained, tmp_path: Path,
     junk.write_bytes(b"not an image")
     code = main(["predict", "-c", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "pred"),
                  str(root / "imagesTs" / "case_004.nii.gz"), str(junk), "--tta", "--lcc"])
-    out = capsys.readouterr()
-    assert code == 2 and "junk: FAILED" in out.out and "1 case(s) failed: junk" in out.err
+    err = capsys.readouterr().err
+    assert code == 2 and "1 case(s) failed: junk" in err  # the one-line error names the case
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case_004.nii.gz"]  # the rest went on
     pred = read_image(tmp_path / "pred" / "case_004.nii.gz")
     src = read_image(root / "imagesTs" / "case_004.nii.gz")
     assert pred.shape == src.shape == (50, 44, 14)
@@ -57,7 +65,7 @@ def test_evaluate_a_checkpoint_writes_csv_markdown_and_overlays(trained, tmp_pat
     root, run = trained
     code = main(["evaluate", "-c", str(run / "checkpoints" / "last.pt"), "--data", str(root), "--out", str(tmp_path / "ev")])
     assert code == 0, capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "ev" / "metrics.csv")))
+    rows = _csv_rows(tmp_path / "ev" / "metrics.csv")
     val = {r["case"] for r in rows}
     assert len(val) == 1 and {r["name"] for r in rows} == {"spleen", "right kidney", "left kidney"}
     assert (tmp_path / "ev" / "metrics.md").read_text(encoding="utf-8").startswith("# Evaluation of")
@@ -65,7 +73,7 @@ def test_evaluate_a_checkpoint_writes_csv_markdown_and_overlays(trained, tmp_pat
     assert all((tmp_path / "ev" / "predictions" / f"{c}.nii.gz").is_file() for c in val)
 
 
-def test_metrics_are_honest(tmp_path: Path, capsys) -> None:
+def test_metrics_are_honest(tmp_path: Path) -> None:
     root = write_msd(tmp_path / "ds", n_labeled=3, n_unlabeled=0, shape=(20, 18, 16))
     preds = tmp_path / "preds"
     for i in range(3):
@@ -73,7 +81,11 @@ def test_metrics_are_honest(tmp_path: Path, capsys) -> None:
         write_nifti(preds / f"case_{i:03d}.nii.gz", gt.array, gt.affine)
     assert main(["evaluate", "--predictions", str(preds), "--data", str(root), "--split", "all", "--out",
                  str(tmp_path / "ev")]) == 0
-    assert "mean Dice 1.0000, mean HD95 0.00 mm" in capsys.readouterr().out
+    rows = _csv_rows(tmp_path / "ev" / "metrics.csv")
+    assert len(rows) == 3 * 3 and {r["status"] for r in rows} == {"ok"}  # 3 cases x 3 organs, all scored
+    assert all(float(r["dice"]) == 1.0 and float(r["hd95_mm"]) == 0.0 for r in rows)
+    ev = evaluate(root, tmp_path / "ev2", predictions=str(preds), split="all", log=lambda s: None)
+    assert ev.mean_dice() == 1.0 and ev.mean_hd95() == 0.0  # the means the command prints and metrics.md shows
     # HD95 in millimetres with the true spacing: a shift of 2 slices of 2.5 mm is 5 mm
     gt = np.zeros((20, 20, 20), np.uint8)
     gt[5:15, 5:15, 5:15] = 1
@@ -85,7 +97,7 @@ def test_metrics_are_honest(tmp_path: Path, capsys) -> None:
     assert missed.status == "missed" and missed.dice == 0.0 and missed.hd95_mm is None
 
 
-def test_evaluate_table_matches_a_hand_computed_dice(tmp_path: Path, capsys) -> None:
+def test_evaluate_table_matches_a_hand_computed_dice(tmp_path: Path) -> None:
     """spleen: a 10^3 cube against the same cube 2 slices further: 800 shared voxels, Dice 2*800/2000 = 0.8;
     right kidney: exact, 1.0; left kidney: in neither, reported absent and left out of the mean (0.9)."""
     root = write_msd(tmp_path / "ds", n_labeled=1, n_unlabeled=0, shape=(20, 20, 20))
@@ -100,13 +112,14 @@ def test_evaluate_table_matches_a_hand_computed_dice(tmp_path: Path, capsys) -> 
     write_nifti(tmp_path / "preds" / "case_000.nii.gz", pred, gt_img.affine)
     assert main(["evaluate", "--predictions", str(tmp_path / "preds"), "--data", str(root), "--split", "all",
                  "--out", str(tmp_path / "ev")]) == 0
-    assert "mean Dice 0.9000" in capsys.readouterr().out
-    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "ev" / "metrics.csv", encoding="utf-8"))}
+    rows = {r["name"]: r for r in _csv_rows(tmp_path / "ev" / "metrics.csv")}
     assert float(rows["spleen"]["dice"]) == pytest.approx(0.8)
     assert float(rows["right kidney"]["dice"]) == pytest.approx(1.0)
     assert rows["left kidney"]["dice"] == "" and rows["left kidney"]["status"] == "absent"
     table = (tmp_path / "ev" / "metrics.md").read_text(encoding="utf-8")
     assert "0.800" in table and "absent" in table
+    ev = evaluate(root, tmp_path / "ev2", predictions=str(tmp_path / "preds"), split="all", log=lambda s: None)
+    assert ev.mean_dice() == pytest.approx(0.9)  # (0.8 + 1.0) / 2: the absent class is left out of the mean
 
 
 def test_largest_component_keeps_each_organs_main_body() -> None:

@@ -311,7 +311,7 @@ def test_data_check_on_random_dataset_json_exits_0_or_2(dataset_template, capsys
         out = capsys.readouterr()
     finally:
         path.unlink(missing_ok=True)
-        (dataset_template / "dataset.json").write_text(original)
+        (dataset_template / "dataset.json").write_text(original, encoding="utf-8")
         (dataset_template / "splits_final.json").unlink(missing_ok=True)
     assert code in (0, 2), out.err
     assert "Traceback" not in out.err and "internal error" not in out.err, out.err
@@ -478,7 +478,7 @@ def test_found_image_inputs_fail_cleanly_fast_and_small(name: str, scratch) -> N
 ])
 def test_found_configs_fail_with_a_short_message(text: str, ovr: list[str], scratch) -> None:
     path = scratch / "found.yaml"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(MedmimError) as e, deadline(1):
         load_config(str(path), ovr)
     assert len(str(e.value)) < 3000

@@ -156,7 +156,7 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(MedmimError, match="trunc.nii.gz: cannot read voxel data"):
         read_image(trunc)
     with pytest.raises(MedmimError, match="unknown image format"):
-        (tmp_path / "notes.txt").write_text("hello")
+        (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
         read_image(tmp_path / "notes.txt")
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -8,6 +8,7 @@ import torch
 from medmim.config import load_config
 from medmim.errors import MedmimError
 from medmim.models import MAE3D, SimCLR3D, SimMIM3D, ViT3D, build_pretrainer, count_parameters, random_masking
+from medmim.models.mim import MaskedImageModel
 
 
 def tiny_vit(**kw) -> ViT3D:
@@ -146,10 +147,40 @@ def test_build_pretrainer_from_presets():
     mae = build_pretrainer(load_config("mae-tiny"))
     assert isinstance(mae, MAE3D) and mae.mask_ratio == 0.75 and len(mae.decoder_blocks) == 1
     simmim = build_pretrainer(load_config("simmim-tiny"))
-    assert isinstance(simmim, SimMIM3D) and simmim.loss_kind == "l1" and len(simmim.head_blocks) == 0
+    assert isinstance(simmim, SimMIM3D) and simmim.loss_kind == "l1" and len(simmim.decoder_blocks) == 0
     simclr = build_pretrainer(load_config("simclr-tiny"))
     assert isinstance(simclr, SimCLR3D) and simclr.temperature == 0.2
     study = build_pretrainer(load_config("mae-tiny", ["pretrain.mask_patch_size=16", "pretrain.mask_ratio=0.5"]))
     assert study.mask_size == (2, 2, 2)
     assert count_parameters(mae.encoder) == count_parameters(simclr.encoder)
     assert count_parameters(mae) > count_parameters(mae.encoder)
+
+
+@pytest.mark.parametrize("cls", [MAE3D, SimMIM3D])
+def test_mae_and_simmim_share_masking_decoder_and_loss(cls):
+    model = cls(encoder=tiny_vit(), mask_patch_size=16, decoder_dim=32, decoder_depth=2, decoder_heads=4)
+    assert isinstance(model, MaskedImageModel) and model.mask_size == (2, 2, 2)
+    # the same decoder under the same names: [Linear -> blocks -> norm] then the Linear to voxels
+    assert [name for name, _ in model.named_children()] == ["encoder", "decoder_embed", "decoder_blocks",
+                                                            "decoder_norm", "decoder_pred"]
+    assert model.decoder_pred.out_features == 8 ** 3 and len(model.decoder_blocks) == 2
+    width = 32 if cls is MAE3D else 48  # MAE's mask token enters the decoder, SimMIM's the encoder
+    assert model.mask_token.shape == (1, 1, width)
+    for bad, message in ((dict(loss="l3"), "loss must be 'l1' or 'l2'"), (dict(decoder_depth=-1), "decoder_depth")):
+        with pytest.raises(MedmimError, match=message):
+            cls(encoder=tiny_vit(), **bad)
+
+
+def test_simmim_loads_a_state_dict_with_the_former_head_names():
+    # SimMIM's decoder used to be head_embed / head_blocks / head_norm / head_pred; a state dict of those
+    # (an old checkpoint, an old run resumed) loads strictly, under any prefix
+    old = SimMIM3D(encoder=tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    legacy = {k.replace("decoder_", "head_"): v for k, v in old.state_dict().items()}
+    assert "head_blocks.0.attn.qkv.weight" in legacy and "head_pred.weight" in legacy
+    torch.manual_seed(1)
+    new = SimMIM3D(encoder=tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    new.load_state_dict(legacy, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+    wrapped = torch.nn.ModuleDict({"inner": SimMIM3D(encoder=tiny_vit(), decoder_dim=32, decoder_depth=1, decoder_heads=4)})
+    wrapped.load_state_dict({f"inner.{k}": v for k, v in legacy.items()}, strict=True)
+    assert torch.equal(wrapped["inner"].decoder_pred.weight, old.decoder_pred.weight)

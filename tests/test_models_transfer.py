@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from monai.networks.nets import UNETR as MonaiUNETR
 from monai.networks.nets import MaskedAutoEncoderViT, ViT, ViTAutoEnc
 
-from medmim.config import load_config
+from medmim.config import config_from_dict, load_config
 from medmim.errors import MedmimError
 from medmim.models import (
     MAE3D,
@@ -27,6 +28,7 @@ from medmim.models import (
     save_weights,
 )
 from medmim.models.layers import interpolate_pos_embed, sincos_pos_embed_3d
+from medmim.models.transfer import upgrade_legacy_state
 
 TINY = dict(in_channels=1, hidden_size=48, num_heads=4, mlp_dim=96)
 
@@ -255,3 +257,61 @@ def test_torch_checkpoints_are_read_weights_only(tmp_path):
     bad.write_bytes(b"not safetensors")
     with pytest.raises(MedmimError, match="bad.safetensors"):
         load_pretrained(tiny_unetr(), bad)
+
+
+# --- files written before the per-method pretrain sections and SimMIM's decoder_* names -------------
+
+LEGACY = Path(__file__).parent / "data" / "legacy"  # see its README: which commit wrote them, and how
+# the loss of each legacy model on the input below, computed with the code that wrote the files
+LEGACY_LOSS = {"mae": 0.35863152146339417, "simmim": 0.4972947835922241}
+
+
+def _legacy_loss(model) -> float:
+    x = torch.rand((2, 1, 16, 16, 16), generator=torch.Generator().manual_seed(0))
+    mask = model.random_mask(2, (2, 2, 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.eval()(x, mask=mask).loss.item()
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_an_old_run_folders_weights_load_strictly_and_give_the_same_loss(method):
+    from safetensors.torch import load_file
+
+    path = LEGACY / method / "model.safetensors"
+    on_disk = load_file(str(path))
+    assert any(k.startswith("head_") for k in on_disk) == (method == "simmim")  # SimMIM's former names
+    ckpt = read_checkpoint(path)
+    assert not any(k.startswith("head_") for k in ckpt.state)
+    model = build_pretrainer(config_from_dict(ckpt.config))
+    model.load_state_dict(ckpt.state, strict=True)
+    assert _legacy_loss(model) == pytest.approx(LEGACY_LOSS[method], rel=1e-6, abs=0)
+    state, _ = load_weights(path)
+    assert state.keys() == model.state_dict().keys()
+    # the file as it is (an old run resumed hands its state to load_state_dict as stored) loads too
+    again = build_pretrainer(load_config(LEGACY / method / "config.yaml"))
+    again.load_state_dict(on_disk, strict=True)
+    assert _legacy_loss(again) == _legacy_loss(model)
+    # and its encoder goes into UNETR
+    cfg = load_config(LEGACY / method / "config.yaml", ["task=finetune", "model.feature_size=4"])
+    unetr = UNETR(encoder=ViT3D(in_channels=1, img_size=16, patch_size=8, hidden_size=8, num_layers=4, num_heads=2,
+                                mlp_dim=16), num_classes=cfg.model.num_classes, feature_size=4)
+    report = load_pretrained(unetr, path)
+    assert report.complete and "encoder.blocks.0.attn.qkv.weight" not in report.ignored
+    assert "decoder_pred.weight" in report.ignored and not any(k.startswith("head_") for k in report.ignored)
+    assert torch.equal(unetr.vit.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_an_old_simmim_torch_checkpoint_reads_with_todays_names(tmp_path):
+    from safetensors.torch import load_file
+
+    legacy = load_file(str(LEGACY / "simmim" / "model.safetensors"))
+    last = tmp_path / "last.pt"
+    torch.save({"model": legacy, "config": read_checkpoint(LEGACY / "simmim" / "model.safetensors").config}, last)
+    ckpt = read_checkpoint(last)
+    assert "decoder_blocks.0.attn.qkv.weight" in ckpt.state and not any(k.startswith("head_") for k in ckpt.state)
+    model = build_pretrainer(config_from_dict(ckpt.config))
+    model.load_state_dict(ckpt.state, strict=True)
+    assert _legacy_loss(model) == pytest.approx(LEGACY_LOSS["simmim"], rel=1e-6, abs=0)
+    # only a SimMIM state is renamed: another model with a head_pred (and no mask token) is left alone
+    other = {"head_pred.weight": torch.zeros(2, 2), "blocks.0.weight": torch.zeros(2)}
+    assert upgrade_legacy_state(other) is other

@@ -10,6 +10,7 @@ import pytest
 
 from medmim.cli import main
 from medmim.config import load_config
+from medmim.models.rebuild import config_of
 from medmim.data.prepare import PrepareSettings, dataset_modality
 from medmim.data.sampling import open_cache
 from medmim.errors import MedmimError
@@ -63,5 +64,6 @@ def test_fine_tuning_records_the_preprocessing_its_data_had(tmp_path: Path, caps
     code = main(["finetune", "unetr-tiny", f"data.path={mri}", f"data.cache_dir={tmp_path / 'c'}", f"run.dir={run}",
                  "train.max_steps=2"] + FAST)
     assert code == 0, capsys.readouterr().err
-    cfg = read_checkpoint(run / "checkpoints" / "last.pt").config
-    assert cfg["data"]["modality"] == "mri"  # predict will z-score, as training did
+    ckpt = read_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt.data["preprocessing"]["modality"] == "mri"  # recorded beside the config, not written into it
+    assert config_of(ckpt).data.modality == "mri"  # predict will z-score, as training did

@@ -53,9 +53,10 @@ def _make_roots(base: Path) -> dict[str, Path]:
     pr = base / "pyradiomics"
     (pr / "data").mkdir(parents=True)
     (pr / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: pyradiomics\nVersion: 3.0.1\nLicense: BSD License\n"
-                                 "Classifier: License :: OSI Approved :: BSD License\n\nDescription\n")
-    (pr / "LICENSE.txt").write_text("Copyright 2017 Fake Licensor\n\nRedistribution permitted.\n")
-    (pr / "data" / "README.md").write_text("Test cases and baselines.\n")
+                                 "Classifier: License :: OSI Approved :: BSD License\n\nDescription\n",
+                                 encoding="utf-8")
+    (pr / "LICENSE.txt").write_text("Copyright 2017 Fake Licensor\n\nRedistribution permitted.\n", encoding="utf-8")
+    (pr / "data" / "README.md").write_text("Test cases and baselines.\n", encoding="utf-8")
     for name in ("lung1", "brain1", "brain2", "breast1"):
         _write_nrrd(pr / "data" / f"{name}_image.nrrd", rng.integers(-1024, 1000, SHAPE).astype(np.int16))
         _write_nrrd(pr / "data" / f"{name}_label.nrrd", _lesion())
@@ -81,19 +82,22 @@ def _make_roots(base: Path) -> dict[str, Path]:
     write_nifti(nl / mni.format("gm"), gm, aff)
     write_nifti(nl / mni.format("wm"), wm, aff)
     (nl / "nilearn/datasets/description").mkdir(parents=True)
-    (nl / "nilearn/datasets/description/icbm152_2009.rst").write_text("ICBM\n====\n\nLicense\n-------\nunknown\n")
+    (nl / "nilearn/datasets/description/icbm152_2009.rst").write_text("ICBM\n====\n\nLicense\n-------\nunknown\n",
+                                                                        encoding="utf-8")
     (nl / "nilearn-0.14.1.dist-info/licenses").mkdir(parents=True)
     (nl / "nilearn-0.14.1.dist-info/METADATA").write_text(
-        "Metadata-Version: 2.5\nName: nilearn\nVersion: 0.14.1\nLicense-Expression: BSD-3-Clause\n")
-    (nl / "nilearn-0.14.1.dist-info/licenses/LICENSE").write_text("Copyright (c) The fake developers.\n")
+        "Metadata-Version: 2.5\nName: nilearn\nVersion: 0.14.1\nLicense-Expression: BSD-3-Clause\n", encoding="utf-8")
+    (nl / "nilearn-0.14.1.dist-info/licenses/LICENSE").write_text("Copyright (c) The fake developers.\n",
+                                                                  encoding="utf-8")
 
     ts = base / "totalsegmentator"
     write_nifti(ts / "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz",
                 rng.integers(-30, 385, (7, 6, 5)).astype(np.int16), aff)
     (ts / "totalsegmentator-2.18.0.dist-info/licenses").mkdir(parents=True)
     (ts / "totalsegmentator-2.18.0.dist-info/METADATA").write_text(
-        "Metadata-Version: 2.4\nName: TotalSegmentator\nVersion: 2.18.0\nLicense: Apache 2.0\n")
-    (ts / "totalsegmentator-2.18.0.dist-info/licenses/LICENSE").write_text("Apache License\nVersion 2.0\n")
+        "Metadata-Version: 2.4\nName: TotalSegmentator\nVersion: 2.18.0\nLicense: Apache 2.0\n", encoding="utf-8")
+    (ts / "totalsegmentator-2.18.0.dist-info/licenses/LICENSE").write_text("Apache License\nVersion 2.0\n",
+                                                                           encoding="utf-8")
     return {"pyradiomics": pr, "nilearn": nl, "totalsegmentator": ts}
 
 
@@ -272,11 +276,11 @@ def test_write_samples_downloads_once_then_reuses_the_cache(fake, tmp_path, monk
     assert (cache / "unpacked/pyradiomics-3.0.1/data/lung1_image.nrrd").is_file()
     assert "sha256" in (tmp_path / "out/ct/SOURCES.md").read_text(encoding="utf-8")
 
-    monkeypatch.setattr(samples.subprocess, "run", _no_pip)
-    logs: list[str] = []
-    res2 = samples.write_samples(tmp_path / "out2", cache_dir=cache, log=logs.append)
-    assert sum("using cached" in m for m in logs) == 3
-    assert res2["datasets"]["mri"]["labeled"] == 3
+    again = FakePip(fake["archives"])
+    monkeypatch.setattr(samples.subprocess, "run", again)
+    res2 = samples.write_samples(tmp_path / "out2", cache_dir=cache, log=lambda m: None)
+    assert again.calls == []  # all 3 archives came from the cache
+    assert res2["cache_dir"] == cache and res2["datasets"]["mri"]["labeled"] == 3
     assert check_dataset(tmp_path / "out2/mri").ok
 
 

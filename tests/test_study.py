@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,55 @@ def test_speedup_and_convergence_follow_their_definitions() -> None:
     base = [(10, 0.2), (20, 0.5), (30, 0.6), (40, 0.6)]
     fast = [(10, 0.4), (20, 0.58), (30, 0.7)]
     s = speedup(base, fast)
-    assert s["level"] == pytest.approx(0.57) and s["baseline_step"] == 30 and s["step"] == 20
-    assert s["speedup"] == pytest.approx(1.5)
+    assert s.level == pytest.approx(0.57) and s.baseline_step == 30 and s.step == 20
+    assert s.speedup == pytest.approx(1.5)
     never = speedup(base, [(10, 0.1), (20, 0.3)])
-    assert never["speedup"] is None and "never reached 0.570" in never["note"]
-    assert convergence([(i, 0.1) for i in range(1, 4)])["converged"] is False  # too few points to tell
+    assert never.speedup is None and "never reached 0.570" in never.note
+    assert convergence([(i, 0.1) for i in range(1, 4)]).converged is False  # too few points to tell
     flat = [(i * 10, 0.5 + 0.001 * i) for i in range(1, 13)]
     rising = [(i * 10, 0.05 * i) for i in range(1, 13)]
-    assert convergence(flat)["converged"] and not convergence(rising)["converged"]
+    assert convergence(flat).converged and not convergence(rising).converged
+
+
+def test_curve_numbers_keep_the_keys_results_json_has_always_had() -> None:
+    from medmim.study import mean_sd
+    from medmim.study.curves import paired_difference
+
+    base = [(10, 0.2), (20, 0.5), (30, 0.6)]
+    assert list(speedup(base, [(10, 0.6)]).to_json()) == ["speedup", "level", "baseline_step", "step", "note"]
+    assert list(speedup(base, [(10, 0.1)]).to_json()) == ["speedup", "level", "baseline_step", "note"]
+    assert speedup([(10, 0.0)], [(10, 0.0)]).to_json() == {"speedup": None, "level": 0.0,
+                                                          "note": "baseline never scored above 0"}
+    assert speedup([], base).to_json() == {"speedup": None, "note": "no validation curve"}
+    assert list(convergence(base).to_json()) == ["rel_change", "converged", "note"]
+    assert mean_sd([None, float("nan")]) == (None, None) and mean_sd([0.5]) == (0.5, 0.0)
+    m, sd = mean_sd([0.1, 0.3])
+    assert m == pytest.approx(0.2) and sd == pytest.approx(0.1414, abs=1e-4)
+    assert paired_difference(0.5, 0.25) == 0.25 and paired_difference(None, 0.25) is None
+
+
+def test_cell_results_are_measured_against_their_same_seed_partners(tmp_path: Path) -> None:
+    from medmim.study import CellRun, aggregate, score_cells
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1]"), encoding="utf-8")
+    spec = load_spec(str(spec_file))
+    curve = [(i, 0.1 * i) for i in range(1, 4)]
+
+    def run(m: str, s: int, dice: float | None) -> CellRun:
+        return CellRun(cell=f"{m}{s}", group=f"method={m}", values={"method": m}, seed=s, pretrained=None,
+                       run_dir="", wall_s=1.0, curve=curve, evaluation=None if dice is None else {"mean_dice": dice})
+
+    cells = score_cells(spec, [run("scratch", 0, 0.5), run("mae", 0, 0.6), run("mae", 1, None)])
+    assert "speedup_vs_baseline" not in cells[0].to_json()  # the baseline itself
+    mae0, mae1 = cells[1].to_json(), cells[2].to_json()
+    assert list(mae0)[-3:] == ["best_val_dice", "speedup_vs_baseline", "paired_delta"]
+    assert mae0["paired_delta"] == pytest.approx(0.1) and mae0["speedup_vs_baseline"]["speedup"] == 1.0
+    assert "paired_delta" not in mae1 and "evaluation" not in mae1  # seed 1 has no scratch run to pair with
+    assert mae1["speedup_vs_baseline"] == {"speedup": None, "note": "no partner run"}
+    rows = aggregate(cells)
+    assert [r.seeds for r in rows] == [1, 2] and "speedup_vs_baseline" not in rows[0].to_json()
+    assert rows[1].speedup_vs["baseline"].never_reached == 1 and rows[1].paired_n == 1
 
 
 def test_shipped_specs_load_and_expand() -> None:
@@ -62,23 +104,24 @@ def test_shipped_specs_load_and_expand() -> None:
 
 
 def test_summary_says_which_differences_are_inside_the_noise_and_which_runs_are_unfinished(tmp_path: Path) -> None:
-    from medmim.study import aggregate, summary_markdown
+    from medmim.study import CellRun, aggregate, score_cells, summary_markdown
 
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1, 2]").replace(
         "      - {label: mae, pretrain: [pretrain.method=mae]}",
-        "      - {label: mae, pretrain: [pretrain.method=mae]}\n      - {label: simmim, pretrain: [pretrain.method=simmim]}"))
+        "      - {label: mae, pretrain: [pretrain.method=mae]}\n      - {label: simmim, pretrain: [pretrain.method=simmim]}"),
+        encoding="utf-8")
     spec = load_spec(str(spec_file))
     flat = [(i * 10, 0.5) for i in range(1, 13)]
     rising = [(i * 10, 0.04 * i) for i in range(1, 13)]
     # held-out Dice per seed: scratch 0.50/0.52/0.48 (sd 0.02); mae 0.60/0.61/0.59 (+0.10, beyond);
     # simmim 0.51/0.45/0.55 (+0.003, inside simmim's own sd 0.05); simmim seed 2 still rising
     dice = {"scratch": [0.50, 0.52, 0.48], "mae": [0.60, 0.61, 0.59], "simmim": [0.51, 0.45, 0.55]}
-    results = [{"group": f"method={m}", "values": {"method": m}, "seed": s, "cell": f"{m}{s}",
-                "curve": rising if (m, s) == ("simmim", 2) else flat,
-                "evaluation": {"mean_dice": dice[m][s], "mean_hd95": 10.0, "per_class": {}}}
-               for m in dice for s in range(3)]
-    text = summary_markdown(spec, aggregate(spec, results))
+    runs = [CellRun(cell=f"{m}{s}", group=f"method={m}", values={"method": m}, seed=s, pretrained=None, run_dir="",
+                    wall_s=None, curve=rising if (m, s) == ("simmim", 2) else flat,
+                    evaluation={"mean_dice": dice[m][s], "mean_hd95": 10.0, "per_class": {}})
+            for m in dice for s in range(3)]
+    text = summary_markdown(spec, aggregate(score_cells(spec, runs)))
     assert "**Not converged: 1 of 9 runs** (method=simmim (1/3))" in text
     assert "| converged | speed-up vs method=scratch |\n" in text  # the spec names no contrastive run
     assert "- method=mae: +0.100 (beyond the spread (0.020); seed by seed: +0.100 ± 0.010 over 3)" in text
@@ -99,26 +142,57 @@ def test_output_folder_named_like_the_spec_does_not_shadow_it(tmp_path: Path, mo
 
 def test_bad_spec_names_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(TINY.replace("baseline: {method: scratch}", "baseline: {method: nope}"))
+    bad.write_text(TINY.replace("baseline: {method: scratch}", "baseline: {method: nope}"), encoding="utf-8")
     with pytest.raises(MedmimError, match="baseline names method=nope"):
         load_spec(str(bad))
-    bad.write_text(TINY + "\nextra: 1\n")
+    bad.write_text(TINY + "\nextra: 1\n", encoding="utf-8")
     with pytest.raises(MedmimError, match="unknown key 'extra'"):
         load_spec(str(bad))
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("seed: 3,", "seed: 3, seeds: 2,", "unknown key 'data.phantom.seeds' (known: labeled, seed, "),
+    ("{label: mae, pretrain:", "{label: mae, pretrian:", "unknown key 'axes[0].values[1].pretrian'"),
+    ("  phantom: {", "  phantoms: {", "unknown key 'data.phantoms'"),
+    ("pretrain: null}", "pretrain: false}", "'axes[0].values[0].pretrain' must be null (no pretraining)"),
+    ("seeds: [0]", "seeds: [0, one]", "'seeds[1]'"),
+    ("  config: unetr-tiny\n", "", "missing 'finetune.config'"),
+    ("baseline:", "data: {pretrain_extra: [x]}\nbaseline:",  # a later key replaces the first
+     "'data' needs 'phantom: {labeled, unlabeled, seed}' or 'path: DIR'"),
+])
+def test_spec_errors_name_the_key(tmp_path: Path, old: str, new: str, message: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.replace(old, new), encoding="utf-8")
+    with pytest.raises(MedmimError, match=re.escape(f"{bad}: {message}")):
+        load_spec(str(bad))
+
+
+def test_spec_reads_labels_as_text_and_revalidates_what_is_set(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(TINY.replace("label: mae,", "label: 0.75,").replace("{method: scratch}", "{method: scratch}\n"
+                                                                          "evaluate: false"), encoding="utf-8")
+    spec = load_spec(str(good))
+    assert spec.name == "tiny" and spec.source == str(good) and not spec.evaluate
+    assert [c.values["method"] for c in expand_cells(spec)] == ["scratch", "0.75"]
+    spec.data = {"path": "/data/btcv"}  # what `medmim study SPEC data.path=DIR` does
+    assert spec.data.path == "/data/btcv" and spec.data.phantom is None
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text(TINY.replace("name: tiny\n", ""), encoding="utf-8")
+    assert load_spec(str(unnamed)).name == "unnamed"
 
 
 def test_study_runs_end_to_end_and_resumes_without_redoing(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY)
+    spec.write_text(TINY, encoding="utf-8")
     out = tmp_path / "study"
     assert main(["study", str(spec), "--dry-run"]) == 0
     out_text = capsys.readouterr().out
     assert "2 fine-tuning cell(s)" in out_text and "estimated training time on this machine: ~" in out_text
     # the estimate is steps x the timed step: 2 fine-tunings of 3 steps + 1 pretraining of 2 steps at 6 s a step
-    import medmim.study as study_mod
+    import medmim.study.estimate as estimate
 
-    monkeypatch.setattr(study_mod, "measure_step_seconds", lambda cfg, repeats=2: 6.0)
+    monkeypatch.setattr(estimate, "measure_step_seconds", lambda cfg, repeats=2: 6.0)
     assert main(["study", str(spec), "--dry-run"]) == 0
     assert "~0.8 min (pretraining 0.2 min, fine-tuning 0.6 min" in capsys.readouterr().out
     assert main(["study", str(spec), "--out", str(out)]) == 0
@@ -162,8 +236,6 @@ def test_demo_quick_writes_the_whole_report(tmp_path: Path, capsys, monkeypatch)
     capsys.readouterr()
     # a second run resumes: nothing is trained again
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
-    import re
-
     log = capsys.readouterr().out
     assert not re.search(r"^\[(pretrain|finetune)\] .*: \d+ steps$", log, re.M)  # no run started again
     assert log.count("finished before, skipped") == 7  # 3 pretraining + 4 fine-tuning runs
@@ -191,8 +263,11 @@ def test_pretraining_reads_extra_datasets_each_with_its_own_preset(tmp_path: Pat
     assert main(["study", str(spec), "--out", str(out)]) == 0, capsys.readouterr().err
     pre = yaml.safe_load(next((out / "pretrain").glob("*/config.yaml")).read_text(encoding="utf-8"))
     assert len(pre["data"]["path"]) == 2 and pre["data"]["path"][1] == str(mri)
-    ft = yaml.safe_load(next((out / "cells").glob("*/config.yaml")).read_text(encoding="utf-8"))
-    assert len(ft["data"]["path"]) == 1 and ft["data"]["modality"] == "ct"
+    ft_run = next((out / "cells").glob("*/config.yaml")).parent
+    ft = yaml.safe_load((ft_run / "config.yaml").read_text(encoding="utf-8"))
+    assert len(ft["data"]["path"]) == 1  # fine-tuning reads the phantoms alone
+    # the preprocessing its data had, recorded beside the config: the CT preset, as predict will apply
+    assert json.loads((ft_run / "data.json").read_text(encoding="utf-8"))["preprocessing"]["modality"] == "ct"
     presets = sorted(open_cache(p).manifest["settings"]["modality"] for p in (out / "cache").iterdir()
                      if (p / "manifest.json").is_file())
     assert "mri" in presets

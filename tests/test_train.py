@@ -17,9 +17,10 @@ import torch
 from medmim.cli import main
 from medmim.config import load_config
 from medmim.data.prepare import PrepareSettings, prepare_dataset
-from medmim.models import build_pretrainer
+from medmim.models import build_pretrainer, build_unetr
+from medmim.models.transfer import load_pretrained, read_checkpoint
 from medmim.train.engine import run_training
-from medmim.train.schedule import warmup_cosine
+from medmim.train.schedule import effective_lr, warmup_cosine
 from tests.conftest import write_msd
 from tests.ddp_check import fixed_batch
 
@@ -36,7 +37,7 @@ def cache(tmp_path_factory) -> Path:
 
 
 def _rows(run: Path) -> list[dict]:
-    with open(run / "metrics.csv", newline="") as f:
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -60,7 +61,7 @@ def test_a_tiny_run_writes_its_whole_run_folder(preset: str, cache: Path, tmp_pa
     if verb == "finetune":
         assert (run / "checkpoints" / "best.pt").is_file()
         assert 0.0 <= float(val[-1]["val_dice"]) <= 1.0
-        assert "trained from scratch" in out.err and "nothing loaded" in out.err
+        assert "model.pretrained" in out.err  # a run from scratch says so, naming the setting that loads weights
 
 
 def test_losses_are_reproducible_on_cpu(cache: Path, tmp_path: Path) -> None:
@@ -73,15 +74,27 @@ def test_losses_are_reproducible_on_cpu(cache: Path, tmp_path: Path) -> None:
 
 
 def test_finetune_from_pretrained_loads_the_whole_encoder(cache: Path, tmp_path: Path, capsys) -> None:
+    """The fine-tuning run starts from every one of the MAE encoder's 53 tensors. Its one step has a learning
+    rate of 1e-30, which leaves float32 weights as they were: the encoder it saves is the one it loaded."""
     assert main(["pretrain", "mae-tiny", f"data.path={cache}", f"run.dir={tmp_path / 'pre'}", "train.max_steps=2"] + FAST) == 0
     capsys.readouterr()
     ckpt = tmp_path / "pre" / "checkpoints" / "last.pt"
-    for source in (ckpt, tmp_path / "pre" / "model.safetensors"):
-        code = main(["finetune", "unetr-tiny", f"data.path={cache}", f"run.dir={tmp_path / 'ft'}", "train.max_steps=1",
-                     f"model.pretrained={source}"] + FAST)
-        err = capsys.readouterr().err
-        assert code == 0, err
-        assert "all 53 encoder tensors loaded" in err and "decoder" in err  # the MAE decoder is reported ignored
+    for n, source in enumerate((ckpt, tmp_path / "pre" / "model.safetensors")):
+        pretrained = read_checkpoint(source).state
+        encoder = {k.removeprefix("encoder."): v for k, v in pretrained.items() if k.startswith("encoder.")}
+        assert len(encoder) == 53 and any(k.startswith("decoder") for k in pretrained)
+        report = load_pretrained(build_unetr(load_config("unetr-tiny").model), source)
+        assert report.complete and len(report.expected) == 53  # every encoder tensor comes over
+        assert "decoder_embed.weight" in report.ignored  # and the MAE decoder does not
+        run = tmp_path / f"ft{n}"
+        code = main(["finetune", "unetr-tiny", f"data.path={cache}", f"run.dir={run}", "train.max_steps=1",
+                     "train.lr=1e-30", "train.min_lr=0", f"model.pretrained={source}"] + FAST)
+        assert code == 0, capsys.readouterr().err
+        tuned = read_checkpoint(run / "model.safetensors").state
+        vit = {k.removeprefix("vit."): v for k, v in tuned.items() if k.startswith("vit.")}
+        assert vit.keys() == encoder.keys()
+        for name, w in encoder.items():
+            torch.testing.assert_close(vit[name], w, rtol=0, atol=1e-20, msg=name)
 
 
 def test_sigkill_mid_training_then_resume_continues_step_and_schedule(cache: Path, tmp_path: Path) -> None:
@@ -100,12 +113,17 @@ def test_sigkill_mid_training_then_resume_continues_step_and_schedule(cache: Pat
     assert proc.returncode == -signal.SIGKILL
     killed_at = int(_rows(run)[-1]["step"])
     assert killed_at < 400
+    before = _rows(run)
+    resumed_at = int(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"])
+    assert resumed_at % 3 == 0 and 3 <= resumed_at <= killed_at  # the last periodic checkpoint
     resume = [a if not a.startswith("train.max_steps") else "train.max_steps=400" for a in args] + ["resume=auto",
                                                                                                  "train.max_time_min=0.05"]
-    r = subprocess.run(resume, env=ENV, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(resume, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=180)
     assert r.returncode == 0, r.stderr
-    resumed_at = int(r.stderr.split("at step ")[1].split()[0])
-    assert resumed_at % 3 == 0 and 3 <= resumed_at <= killed_at  # the last periodic checkpoint
+    # it went on from that checkpoint: the rows up to it are the killed run's own, kept as they were (a fresh
+    # start would have rewritten them, with other timings); the killed run's last row may be half written
+    kept = min(resumed_at, len(before) - 1)
+    assert kept >= 3 and _rows(run)[:kept] == before[:kept]
     rows = [x for x in _rows(run) if x["loss"]]
     steps = [int(x["step"]) for x in rows]
     assert steps == list(range(1, steps[-1] + 1))  # no step twice, none missing, in the log
@@ -120,7 +138,7 @@ def test_ddp_two_cpu_processes_match_one_process(method: str, tmp_path: Path) ->
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).with_name("ddp_check.py")), str(out), method]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     got = torch.load(out, weights_only=True)
     sums = got["checksums"]
@@ -138,8 +156,16 @@ def test_torchrun_runs_the_cli_with_rank0_writing(cache: Path, tmp_path: Path) -
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medmim",
            "pretrain", "mae-tiny", f"data.path={cache}", f"run.dir={run}", "train.max_steps=3"] + FAST
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 process(es) on cpu" in r.stderr
-    assert [int(x["step"]) for x in _rows(run) if x["loss"]] == [1, 2, 3]
+    rows = [x for x in _rows(run) if x["loss"]]
+    assert [int(x["step"]) for x in rows] == [1, 2, 3]
+    # two processes: the learning rate is scaled to the batch of both (linear scaling rule)
+    cfg = load_config(run / "config.yaml")
+    t = cfg.train
+    assert t.scale_lr
+    peak = effective_lr(t.lr, cfg.data.batch_size * t.grad_accum * 2, t.base_batch_size)
+    for x in rows:
+        assert float(x["lr"]) == pytest.approx(warmup_cosine(int(x["step"]) - 1, 3, t.warmup_steps, peak, t.min_lr),
+                                               rel=1e-6)
     assert (run / "checkpoints" / "last.pt").is_file()

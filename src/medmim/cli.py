@@ -304,7 +304,7 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
     ckpt = read_checkpoint(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        save_weights(out, ckpt.state, config=ckpt.config)
+        save_weights(out, ckpt.state, config=ckpt.config, data=ckpt.data)
         click.echo(f"wrote {len(ckpt.state)} tensors and the config to {out}")
         return
     state = encoder_to_monai_vit(ckpt.state)

@@ -8,6 +8,8 @@ or from a YAML file, then overridden from the command line with dotted ``key=val
 Values of overrides are parsed as YAML (``train.lr=1e-4``, ``data.roi_size=[64,64,64]``,
 ``train.compile=true``). A YAML file may start with ``base: PRESET`` to inherit from a preset.
 Unknown keys and values of the wrong type raise :class:`~medmim.errors.MedmimError` naming the key.
+``pretrain`` holds ``method`` and one section per method (``pretrain.mae.mask_ratio``); a flat
+``pretrain.mask_ratio`` (the former layout) means the setting of the method the config ends with.
 """
 
 from __future__ import annotations
@@ -132,21 +134,96 @@ class ModelConfig(_Section):
         return self
 
 
-class PretrainConfig(_Section):
-    """The pretext task: masking, head and loss of MAE / SimMIM, or SimCLR's projection and loss."""
+class MaskedImageConfig(_Section):
+    """MAE's or SimMIM's settings: masking, the decoder that predicts voxels, the loss. Defaults: the model's."""
 
-    method: Literal["mae", "simmim", "simclr"] = "mae"
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
-    mask_patch_size: Triple = (16, 16, 16)  # voxels; a multiple of the ViT patch size
-    decoder_dim: int = Field(384, ge=8)
-    decoder_depth: int = Field(4, ge=0)  # 0: a linear projection head
-    decoder_heads: int = Field(12, ge=1)
+    mask_patch_size: Triple | None = None  # voxels; a multiple of model.patch_size (None: the ViT patch)
+    decoder_dim: int = Field(512, ge=8)
+    decoder_depth: int = Field(8, ge=0)  # 0: a linear projection head
+    decoder_heads: int = Field(16, ge=1)
     loss: Literal["l1", "l2"] = "l2"
     norm_pix_loss: bool = False
-    temperature: float = Field(0.1, gt=0.0)  # SimCLR NT-Xent
-    proj_dim: int = Field(128, ge=8)  # SimCLR projection output
 
     _norm = field_validator("mask_patch_size", mode="before")(_triple)
+
+
+class MAEConfig(MaskedImageConfig):
+    """``pretrain.mae``: the defaults of :class:`~medmim.models.mae.MAE3D`."""
+
+
+class SimMIMConfig(MaskedImageConfig):
+    """``pretrain.simmim``: the defaults of :class:`~medmim.models.simmim.SimMIM3D` (a linear head, L1)."""
+
+    decoder_dim: int = Field(384, ge=8)
+    decoder_depth: int = Field(0, ge=0)
+    decoder_heads: int = Field(12, ge=1)
+    loss: Literal["l1", "l2"] = "l1"
+
+
+class SimCLRConfig(_Section):
+    """``pretrain.simclr``: the defaults of :class:`~medmim.models.simclr.SimCLR3D`."""
+
+    temperature: float = Field(0.1, gt=0.0)  # NT-Xent
+    proj_dim: int = Field(128, ge=8)  # projection output
+
+
+METHODS = ("mae", "simmim", "simclr")
+# the former flat keys (pretrain.mask_ratio) and the methods each belongs to
+FLAT_KEYS = {**{k: ("mae", "simmim") for k in MaskedImageConfig.model_fields},
+             **{k: ("simclr",) for k in SimCLRConfig.model_fields}}
+
+
+class PretrainConfig(_Section):
+    """The pretext task: ``method``, and a section of settings per method (only the method's own is used)."""
+
+    method: Literal["mae", "simmim", "simclr"] = "mae"
+    mae: MAEConfig = Field(default_factory=MAEConfig)
+    simmim: SimMIMConfig = Field(default_factory=SimMIMConfig)
+    simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:  # flat keys of a plain dict: see nest_pretrain
+        return nest_pretrain(data) if isinstance(data, dict) else data
+
+    @property
+    def settings(self) -> MAEConfig | SimMIMConfig | SimCLRConfig:
+        """The section of the active method: what its pretrainer is built with."""
+        return getattr(self, self.method)
+
+
+def nest_pretrain(section: dict, method: str | None = None) -> dict:
+    """A ``pretrain`` mapping with flat keys (``mask_ratio: 0.6``) -> the same with each in its method's section.
+
+    ``method``: the run's method, when the mapping is one layer of several (a base preset); otherwise its
+    own ``method`` (default mae). A flat key of another method raises ValueError, except in a complete
+    dump of the former flat section (an old run's config.yaml or checkpoint): those settings never had an
+    effect and are dropped.
+    """
+    flat = [k for k in section if k in FLAT_KEYS]
+    if not flat:
+        return section
+    method = method or section.get("method") or "mae"
+    out = {k: v for k, v in section.items() if k not in FLAT_KEYS}
+    if method not in METHODS or not isinstance(out.get(method) or {}, dict):
+        return out  # the method or its section is wrong: validation names that
+    legacy = set(section) == {"method", *FLAT_KEYS}
+    own = dict(out.get(method) or {})
+    for k in flat:
+        if method in FLAT_KEYS[k]:
+            if k in own:
+                raise ValueError(f"'pretrain.{k}' and 'pretrain.{method}.{k}' both given; give one")
+            own[k] = section[k]
+        elif not legacy:
+            raise ValueError(_not_a_setting(k, method))
+    out[method] = own
+    return out
+
+
+def _not_a_setting(key: str, method: str) -> str:
+    return (f"'pretrain.{key}' is not a setting of the method {method} (it belongs in "
+            f"{' or '.join(f'pretrain.{m}.{key}' for m in FLAT_KEYS[key])})")
 
 
 class TrainConfig(_Section):
@@ -203,16 +280,18 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _mask_fits(self) -> "Config":
-        for n, (m, p) in enumerate(zip(self.pretrain.mask_patch_size, self.model.patch_size)):
+        if self.pretrain.method == "simclr":
+            return self
+        name = f"pretrain.{self.pretrain.method}.mask_patch_size"
+        mask = self.pretrain.settings.mask_patch_size or self.model.patch_size
+        for n, (m, p) in enumerate(zip(mask, self.model.patch_size)):
             if m % p:
-                raise ValueError(
-                    f"pretrain.mask_patch_size {list(self.pretrain.mask_patch_size)} must be a multiple of "
-                    f"model.patch_size {list(self.model.patch_size)} (axis {n})")
-        for n, (s, m) in enumerate(zip(self.model.img_size, self.pretrain.mask_patch_size)):
-            if self.task == "pretrain" and self.pretrain.method != "simclr" and s % m:
-                raise ValueError(
-                    f"model.img_size {list(self.model.img_size)} must be a multiple of pretrain.mask_patch_size "
-                    f"{list(self.pretrain.mask_patch_size)} (axis {n})")
+                raise ValueError(f"{name} {list(mask)} must be a multiple of model.patch_size "
+                                 f"{list(self.model.patch_size)} (axis {n})")
+        for n, (s, m) in enumerate(zip(self.model.img_size, mask)):
+            if self.task == "pretrain" and s % m:
+                raise ValueError(f"model.img_size {list(self.model.img_size)} must be a multiple of {name} "
+                                 f"{list(mask)} (axis {n})")
         return self
 
     def to_dict(self) -> dict:
@@ -267,12 +346,13 @@ def names_a_file(path: Path) -> bool:
     return path.suffix in (".yaml", ".yml") or path.is_file()
 
 
-def _load_source(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
-    """A preset name or a YAML path -> a plain dict, with ``base:`` resolved."""
+def _load_layers(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """A preset name or a YAML path -> its ``base:`` chain as (where, plain dict), the deepest base first."""
     source = str(source)
     if source in seen:
         raise MedmimError(f"{source}: 'base' chain loops back on itself")
     path = Path(source)
+    where = source
     if names_a_file(path):
         if not path.is_file():
             raise MedmimError(f"{source}: config file not found")
@@ -280,20 +360,41 @@ def _load_source(source: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise MedmimError(f"{source}: cannot read config ({e.__class__.__name__})")
-        data = _read_yaml(text, source)
     else:
         preset = resources.files("medmim") / "configs" / f"{source}.yaml"
         if not preset.is_file():
             raise MedmimError(f"unknown preset '{source}' (presets: {', '.join(preset_names())}; or give a .yaml file)")
-        data = _read_yaml(preset.read_text(encoding="utf-8"), f"preset {source}")
+        text, where = preset.read_text(encoding="utf-8"), f"preset {source}"
+    data = _read_yaml(text, where)
     base = data.pop("base", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise MedmimError(f"{source}: 'base' must be a preset name or a file path")
-        merged = _load_source(base, seen + (source,))
-        _deep_update(merged, data)
-        data = merged
-    return data
+    if base is None:
+        return [(where, data)]
+    if not isinstance(base, str):
+        raise MedmimError(f"{source}: 'base' must be a preset name or a file path")
+    return _load_layers(base, seen + (source,)) + [(where, data)]
+
+
+def _final_method(layers: list[tuple[str, dict]], overrides: list[tuple[list[str], Any]]) -> Any:
+    """The pretraining method a file chain plus overrides ends with (None: not set, the default)."""
+    for keys, value in reversed(overrides):
+        if keys == ["pretrain", "method"]:
+            return value
+        if keys == ["pretrain"]:  # the whole section replaced
+            return value.get("method") if isinstance(value, dict) else None
+    for _, layer in reversed(layers):
+        if isinstance(layer.get("pretrain"), dict) and "method" in layer["pretrain"]:
+            return layer["pretrain"]["method"]
+    return None
+
+
+def _nested(data: dict, method: Any, where: str) -> dict:
+    """``data`` with the flat keys of its ``pretrain`` section moved into ``method``'s section."""
+    if not isinstance(data, dict) or not isinstance(data.get("pretrain"), dict):
+        return data
+    try:
+        return {**data, "pretrain": nest_pretrain(data["pretrain"], method)}
+    except ValueError as e:
+        raise MedmimError(f"{where}: {e}")
 
 
 def _deep_update(dst: dict, src: dict) -> dict:
@@ -324,9 +425,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        keys, value = parse_override(item)
+def apply_overrides(data: dict, overrides: list[str], method: Any = None) -> dict:
+    """Set each ``key=value`` in ``data``. A flat ``pretrain.KEY`` is the setting of the run's method
+    (``method``, or what ``data`` and the overrides end with), i.e. ``pretrain.<method>.KEY``."""
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    if method is None:
+        method = _final_method([("", data)], [(keys, value) for _, keys, value in parsed]) or "mae"
+    for item, keys, value in parsed:
+        if len(keys) == 2 and keys[0] == "pretrain" and keys[1] in FLAT_KEYS and method in METHODS:
+            if method not in FLAT_KEYS[keys[1]]:
+                raise MedmimError(f"override '{item}': {_not_a_setting(keys[1], method)}")
+            keys = ["pretrain", method, keys[1]]
         node = data
         for k in keys[:-1]:
             nxt = node.get(k)
@@ -366,6 +475,8 @@ def _format_validation(e: ValidationError, where: str) -> str:
 
 
 def config_from_dict(data: dict, where: str = "config") -> Config:
+    """Validate a plain dict: a checkpoint's config, say (one with the former flat pretrain keys too)."""
+    data = _nested(data, None, where)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
@@ -374,8 +485,12 @@ def config_from_dict(data: dict, where: str = "config") -> Config:
 
 def load_config(source: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated :class:`Config` from a preset name or YAML file plus ``key=value`` overrides."""
-    data = _load_source(source) if source is not None else {}
-    apply_overrides(data, list(overrides))
+    layers = _load_layers(source) if source is not None else []
+    method = _final_method(layers, [parse_override(item) for item in overrides])
+    data: dict = {}
+    for where, layer in layers:  # flat pretrain keys of every layer are the final method's
+        _deep_update(data, _nested(layer, method, where))
+    apply_overrides(data, list(overrides), method)
     return config_from_dict(data, str(source) if source is not None else "config")
 
 

@@ -8,13 +8,13 @@ finished stages are skipped, an interrupted run continues from its last checkpoi
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from medmim.study import (CONVERGED_REL_CHANGE, SPEEDUP_LEVEL, StudyRun, load_spec, plot_curves,
+from medmim.fileio import atomic_write_text, read_json
+from medmim.study import (CONVERGED_REL_CHANGE, SPEEDUP_LEVEL, Speedup, StudyResult, StudyRun, load_spec,
                           summary_markdown)
 
 
@@ -24,7 +24,7 @@ def _recon_preview(pre_dir: Path, cache: Path, val_ids: list[str], out: Path) ->
     from medmim.data.sampling import CropSampler, open_cache
     from medmim.models import build_pretrainer
     from medmim.models.transfer import read_checkpoint
-    from medmim.train.preview import save_mim_preview
+    from medmim.preview import save_mim_preview
 
     ckpt = read_checkpoint(pre_dir / "model.safetensors")
     cfg = config_from_dict(ckpt.config)
@@ -46,43 +46,43 @@ def _fmt_s(s: float | None) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
-def write_report(run: StudyRun, res: dict, wall: float) -> Path:
+def _speedup_text(s: Speedup | None) -> str:
+    if s is None:
+        return "—"
+    if s.speedup is None:
+        return f"never reached {s.level:.3f}" if s.level is not None else s.note
+    return f"{s.speedup:.2f}× (B at step {s.baseline_step}, P at step {s.step}, level {s.level:.3f})"
+
+
+def write_report(run: StudyRun, res: StudyResult, wall: float) -> Path:
     out = run.out
     spec = run.spec
-    cells = res["cells"]
-    rows = res["aggregate"]
-    by_method = {r["values"]["method"]: r for r in cells}
+    cells = res.cells
+    by_method = {r.run.values["method"]: r for r in cells}
     lines = [f"# medmim demo report ({spec.name})", "", spec.description.strip(), ""]
     # what the data and runs were
-    phantom = spec.data.get("phantom", {})
+    ph = spec.data.phantom
+    data = (f"{ph.labeled} labeled + {ph.unlabeled} unlabeled phantom abdominal CTs (seed {ph.seed})" if ph
+            else f"{spec.data.path}")
     lines += ["## Setup", "",
-              f"- data: {phantom.get('labeled')} labeled + {phantom.get('unlabeled')} unlabeled phantom abdominal CTs "
-              f"(seed {phantom.get('seed', 0)}), BTCV's 13 organs; validation = fold 0 of splits_final.json, held out of "
+              f"- data: {data}, BTCV's 13 organs; validation = fold 0 of splits_final.json, held out of "
               f"pretraining and fine-tuning",
-              f"- pretraining and fine-tuning configs: `{spec.pretrain_config}` / `{spec.finetune_config}` with "
-              f"`{' '.join(spec.pretrain_overrides)}` / `{' '.join(spec.finetune_overrides)}`",
+              f"- pretraining and fine-tuning configs: `{spec.pretrain.config}` / `{spec.finetune.config}` with "
+              f"`{' '.join(spec.pretrain.overrides)}` / `{' '.join(spec.finetune.overrides)}`",
               f"- total wall time: {_fmt_s(wall)} this invocation", ""]
     # results table
-    lines += ["## Held-out segmentation (original geometry)", "", summary_markdown(spec, rows)]
+    lines += ["## Held-out segmentation (original geometry)", "", summary_markdown(spec, res.groups)]
     # speed-ups
     lines += ["## Convergence speed-up", "",
               f"Defined once: with B's best validation mean Dice D, speed-up = (first step B reaches {SPEEDUP_LEVEL:.2f}·D) / "
               f"(first step P reaches {SPEEDUP_LEVEL:.2f}·D). Curves: `curves.png`.", "",
               "| pretrained run | vs scratch | vs SimCLR |", "|---|---|---|"]
-
-    def sp(d: dict | None) -> str:
-        if not d:
-            return "—"
-        if d.get("speedup") is None:
-            return f"never reached {d.get('level', float('nan')):.3f}" if "level" in d else d.get("note", "—")
-        return f"{d['speedup']:.2f}× (B at step {d['baseline_step']}, P at step {d['step']}, level {d['level']:.3f})"
-
     for m in ("simclr", "mae", "simmim"):
         r = by_method.get(m)
         if r:
-            lines.append(f"| {m} | {sp(r.get('speedup_vs_baseline'))} | "
-                         f"{'—' if m == 'simclr' else sp(r.get('speedup_vs_contrastive'))} |")
-    unfinished = [r["group"] for r in cells if not r["convergence"]["converged"]]
+            lines.append(f"| {m} | {_speedup_text(r.speedup_vs.get('baseline'))} | "
+                         f"{'—' if m == 'simclr' else _speedup_text(r.speedup_vs.get('contrastive'))} |")
+    unfinished = [r.run.group for r in cells if not r.convergence.converged]
     if unfinished:
         lines += ["", f"These speed-ups involve runs that had not converged ({', '.join(unfinished)}; see below): "
                       "they describe this demo's runs, not the method."]
@@ -90,43 +90,44 @@ def write_report(run: StudyRun, res: dict, wall: float) -> Path:
     # honesty about convergence
     lines += ["## Did the runs converge?", ""]
     for r in cells:
-        cv = r["convergence"]
-        rel = cv["rel_change"]
-        state = ("converged" if cv["converged"] else "NOT converged") if rel is not None else "unknown"
-        info = json.loads((Path(r["run_dir"]) / "done.json").read_text(encoding="utf-8"))
+        cv = r.convergence
+        rel = cv.rel_change
+        state = ("converged" if cv.converged else "NOT converged") if rel is not None else "unknown"
+        info = read_json(Path(r.run.run_dir) / "done.json")
         bound = " — stopped by its wall-time bound before its last step" if info.get("stopped_by_time") else ""
-        lines.append(f"- {r['group']}: {state} (validation Dice changed {rel:+.1%} over the last quarter; "
+        lines.append(f"- {r.run.group}: {state} (validation Dice changed {rel:+.1%} over the last quarter; "
                      f"{info.get('steps')} steps){bound}" if rel is not None else
-                     f"- {r['group']}: {state} ({cv['note']}){bound}")
+                     f"- {r.run.group}: {state} ({cv.note}){bound}")
     lines += ["", f"A run counts as converged when its validation Dice moved less than {CONVERGED_REL_CHANGE:.0%} over "
                   "its last quarter. Differences between runs that have not converged, or that lie within the spread "
                   "between seeds, are not results.", ""]
     # reconstructions
     lines += ["## Reconstructions of held-out crops", ""]
+    val_ids = res.val_ids()
     for m in ("mae", "simmim"):
         r = by_method.get(m)
-        if r and r.get("pretrained"):
+        if r and r.run.pretrained:
             png = out / f"recon_{m}.png"
             try:
-                _recon_preview(Path(r["pretrained"]).parent, run.cache_path, run.val_ids, png)
+                _recon_preview(Path(r.run.pretrained).parent, res.cache, val_ids, png)
                 lines += [f"{m.upper() if m == 'mae' else 'SimMIM'} (input / masked / reconstruction / prediction):", "",
                           f"![{m} reconstruction]({png.name})", ""]
             except Exception as e:  # a preview must not sink the report
                 lines.append(f"- {m}: preview failed ({type(e).__name__}: {e})")
     # stage times
     lines += ["## Wall time of each stage", "", "| stage | wall time |", "|---|---:|"]
-    times = dict(run.stage_seconds)
+    times = dict(res.stage_seconds)
     for folder in sorted((out / "pretrain").glob("*")) + sorted((out / "cells").glob("*")):
         d = folder / "done.json"
         if d.is_file():
             key = f"{'pretrain' if folder.parent.name == 'pretrain' else 'finetune'} {folder.name}"
-            times.setdefault(key, json.loads(d.read_text(encoding="utf-8")).get("wall_s"))
+            times.setdefault(key, read_json(d).get("wall_s"))
     for k, v in times.items():
         lines.append(f"| {k} | {_fmt_s(v)} |")
     lines.append("")
     lines.append("Stages finished by an earlier invocation keep the time they took then.")
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -136,10 +137,6 @@ def run_demo(out: str | Path = "demo-out", quick: bool = False, extra: list[str]
     run = StudyRun(spec, Path(out), list(extra or []), log=log)
     t0 = time.perf_counter()
     res = run.run()
-    from medmim.data.sampling import open_cache
-
-    run.val_ids = open_cache(run.cache_path).split(0)[1]
-    plot_curves(run.out / "curves.png", res["cells"], spec)
     report = write_report(run, res, time.perf_counter() - t0)
     log(f"report: {report}")
     return report

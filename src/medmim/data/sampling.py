@@ -324,6 +324,12 @@ class CropSampler(IterableDataset):
                 item = {k: plain_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in self.transform(item).items()}
             yield item
 
+    def stream(self, epoch: int, pos: int) -> np.random.Generator:
+        """The random stream of the crops at position ``pos`` of ``epoch``'s order (the same on every run,
+        rank and worker): with ``shuffle=False`` and one epoch, ``crops_of(cases[pos], stream(start_epoch, pos))``
+        gives exactly the crops iteration yields for that case."""
+        return np.random.default_rng([self.seed, epoch, pos])
+
     def __iter__(self) -> Iterator[dict]:
         shard, n_shards = self.shard()
         epochs = count(self.start_epoch) if self.epochs is None else range(self.start_epoch, self.start_epoch + self.epochs)
@@ -334,7 +340,7 @@ class CropSampler(IterableDataset):
             any_crop = False
             for pos in shard_positions(n, shard, n_shards):
                 case = self.cases[int(order[pos % n])]
-                rng = np.random.default_rng([self.seed, epoch, pos])
+                rng = self.stream(epoch, pos)
                 try:
                     opened = self.open(case)
                 except BadCaseError as e:

@@ -65,7 +65,7 @@ def _window(image: np.ndarray, cfg) -> np.ndarray:
 
 
 def _overlay(path: Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, labels: dict[int, str]) -> None:
-    from medmim.train.preview import save_finetune_preview
+    from medmim.preview import save_finetune_preview
 
     # centre the slices on the ground truth's organs, where there is something to see
     idx = np.argwhere(gt > 0)

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medmim.config import Config, config_from_dict
+from medmim.config import Config
 from medmim.data.datasets import Case
 from medmim.data.prepare import PrepareSettings, preprocess_case, to_original_grid
 from medmim.errors import MedmimError
+from medmim.runtime import autocast, resolve_device
 
 
 def largest_component_per_class(label: np.ndarray, classes: list[int] | None = None) -> np.ndarray:
@@ -75,10 +75,7 @@ class Predictor:
                  lateral_pairs: list[tuple[int, int]] | None = None):
         self.cfg = cfg
         self.opt = options or PredictOptions()
-        want_cuda = self.opt.device in ("auto", "cuda") and torch.cuda.is_available()
-        if self.opt.device == "cuda" and not torch.cuda.is_available():
-            raise MedmimError("--device cuda but no CUDA device is available")
-        self.device = torch.device("cuda" if want_cuda else "cpu")
+        self.device = resolve_device(self.opt.device, setting="--device")
         self.stitch_device = torch.device(self.opt.stitch_device) if self.opt.stitch_device else self.device
         self.model = model.to(self.device).eval()
         if self.opt.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
@@ -89,27 +86,18 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, options: PredictOptions | None = None) -> "Predictor":
-        from medmim.models import build_unetr
+        from medmim.models.rebuild import config_of, model_from
         from medmim.models.transfer import read_checkpoint
 
         ckpt = read_checkpoint(path)
-        if ckpt.config is None:
-            raise MedmimError(f"{path}: holds no config; medmim needs the config a model was trained with to predict")
-        cfg = config_from_dict(ckpt.config, str(path))
+        cfg = config_of(ckpt, "medmim needs the config a model was trained with to predict")
         if cfg.task != "finetune":
             raise MedmimError(f"{path}: a {cfg.task} checkpoint; predict needs a fine-tuned UNETR (medmim finetune)")
-        model = build_unetr(cfg.model)
-        state = {k.removeprefix("module."): v for k, v in ckpt.state.items()}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise MedmimError(f"{path}: weights do not match the UNETR of its own config ({str(e).splitlines()[0][:160]})")
+        model = model_from(ckpt, cfg)
         return cls(model, cfg, options, [tuple(p) for p in (cfg.data.lateral_pairs or [])])
 
     def _autocast(self):
-        if self.opt.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast("bf16" if self.opt.precision == "bf16" else "fp32", self.device)
 
     @torch.inference_mode()
     def probabilities(self, image: np.ndarray) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from medmim.errors import MedmimError
+from medmim.runtime import resolve_device
 
 Tensor = torch.Tensor
 
@@ -193,36 +194,18 @@ def _checkpoint_file(path: Path) -> Path:
 
 def load_mim_model(checkpoint: str | Path):
     """(model in eval mode, its Config, the file read) from a MAE or SimMIM pretraining checkpoint."""
-    from medmim.config import config_from_dict
-    from medmim.models import build_pretrainer
+    from medmim.models.rebuild import config_of, model_from
     from medmim.models.transfer import read_checkpoint
 
     path = _checkpoint_file(Path(checkpoint))
     ckpt = read_checkpoint(path)
     need = "reconstruction needs a MAE or SimMIM pretraining checkpoint (RUN/model.safetensors or RUN/checkpoints/last.pt)"
-    if not ckpt.config:
-        raise MedmimError(f"{path}: carries no medmim config (not written by `medmim pretrain`?); {need}")
-    cfg = config_from_dict(ckpt.config, where=str(path))
+    cfg = config_of(ckpt, need)
     if cfg.task != "pretrain":
         raise MedmimError(f"{path}: a fine-tuning (UNETR) checkpoint has no reconstruction head; {need}")
     if cfg.pretrain.method not in ("mae", "simmim"):
         raise MedmimError(f"{path}: a SimCLR checkpoint has no reconstruction head; {need}")
-    model = build_pretrainer(cfg)
-    try:
-        model.load_state_dict(ckpt.state)
-    except RuntimeError as e:
-        raise MedmimError(f"{path}: its weights do not match the {cfg.pretrain.method} model of its own config "
-                          f"({str(e).splitlines()[0][:200]})")
-    model.eval()
-    return model, cfg, path
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedmimError("--device cuda: no CUDA device is available")
-    if name not in ("auto", "cpu", "cuda"):
-        raise MedmimError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+    return model_from(ckpt, cfg), cfg, path
 
 
 def _case_names(cases) -> list[str]:
@@ -243,7 +226,7 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
 
     checkpoint: a pretraining run's ``model.safetensors`` or ``checkpoints/last.pt`` (or the run folder).
     data_paths: datasets or prepared caches; raw datasets are prepared with the checkpoint's own settings.
-    split: ``"val"``: the cases pretraining held out (``medmim.train.data.pretrain_cases``), or all cases
+    split: ``"val"``: the cases pretraining held out (``medmim.data.selection.pretrain_cases``), or all cases
         when there are none; ``"all"``: every case.
     crops_per_case: random crops of the model's ``roi_size`` per case; seed: crops and masks (the same
         seed gives the same crops and masks, and every method is scored on the same ones).
@@ -253,7 +236,7 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
     (one crop); returns the numbers as a dict.
     """
     from medmim.data.sampling import BadCaseError, CropSampler
-    from medmim.train.data import pretrain_cases, resolve_caches
+    from medmim.data.selection import pretrain_cases, resolve_caches
 
     if crops_per_case < 1:
         raise MedmimError(f"crops_per_case must be >= 1, got {crops_per_case}")
@@ -265,7 +248,7 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
         raise MedmimError("give at least one dataset or prepared cache (-d DATA)")
     out = Path(out_dir)
     model, cfg, ckpt_path = load_mim_model(checkpoint)
-    dev = _device(device)
+    dev = resolve_device(device, setting="--device")
     model.to(dev)
 
     # the data, prepared as the model was pretrained (a cache_dir from another machine is not reused)
@@ -299,7 +282,8 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
     if any(r % p for r, p in zip(roi, patch)):
         raise MedmimError(f"{ckpt_path}: data.roi_size {list(roi)} is not a multiple of model.patch_size {list(patch)}")
     grid = tuple(r // p for r, p in zip(roi, patch))
-    norm_pix = bool(cfg.pretrain.norm_pix_loss)
+    mim = cfg.pretrain.settings  # the method's masking and loss
+    norm_pix = bool(mim.norm_pix_loss)
     methods = list(METHODS) + ([ORACLE] if norm_pix else [])
     # padding is NaN here, so the scan's own voxels are known; the model sees 0 there, as in pretraining
     sampler = CropSampler(cases, roi, crops_per_case, pos_fraction=0.0, seed=seed, epochs=1, shuffle=False, rank=0,
@@ -311,7 +295,7 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
     masked_tokens = total_tokens = 0
     preview = None
     log(f"scoring {len(cases)} case(s) x {crops_per_case} crop(s) of {list(roi)} voxels, mask ratio "
-        f"{cfg.pretrain.mask_ratio} in blocks of {list(cfg.pretrain.mask_patch_size)} voxels, on {dev.type}")
+        f"{mim.mask_ratio} in blocks of {list(model.mask_patch_size)} voxels, on {dev.type}")
     for idx, (case, name) in enumerate(zip(cases, names)):
         try:
             opened = sampler.open(case)
@@ -319,8 +303,7 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
             bad.append(f"{name}: {e.reason}")
             log(f"[{idx + 1}/{len(cases)}] {name}: skipped ({e.reason})")
             continue
-        rng = np.random.default_rng([seed, 0, idx])  # CropSampler's own stream for this case's position
-        crops = torch.stack([item["image"] for item in sampler.crops_of(case, rng, opened)])  # [K, C, *roi]
+        crops = torch.stack([item["image"] for item in sampler.crops_of(case, sampler.stream(0, idx), opened)])  # [K, C, *roi]
         tallies = {m: _Tally() for m in methods}
         for start in range(0, crops.shape[0], _CHUNK):
             xb = crops[start:start + _CHUNK]
@@ -371,11 +354,11 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
         s["mse_ratio"] = s["mse"] / base["mse"] if base["mse"] and math.isfinite(base["mse"]) else float("nan")
 
     hu_scale = _hu_scale(caches)
-    verdict = _verdict(summary, cfg.pretrain.loss)
+    verdict = _verdict(summary, mim.loss)
     result = {
-        "checkpoint": str(ckpt_path), "method": cfg.pretrain.method, "loss": cfg.pretrain.loss,
-        "norm_pix_loss": norm_pix, "mask_ratio": float(cfg.pretrain.mask_ratio),
-        "mask_patch_size": list(cfg.pretrain.mask_patch_size), "patch_size": list(patch), "roi_size": list(roi),
+        "checkpoint": str(ckpt_path), "method": cfg.pretrain.method, "loss": mim.loss,
+        "norm_pix_loss": norm_pix, "mask_ratio": float(mim.mask_ratio),
+        "mask_patch_size": list(model.mask_patch_size), "patch_size": list(patch), "roi_size": list(roi),
         "masked_token_fraction": masked_tokens / max(total_tokens, 1), "split": split, "which": which,
         "cases": list(per_case), "skipped_cases": bad, "crops": summary["model"]["crops"],
         "masked_voxels": summary["model"]["masked_voxels"], "crops_per_case": int(crops_per_case), "seed": int(seed), "device": dev.type,
@@ -388,7 +371,7 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
     png = None
     if preview is not None:
         try:
-            from medmim.train.preview import save_mim_preview
+            from medmim.preview import save_mim_preview
 
             png = save_mim_preview(out / "recon.png", *preview)
         except Exception as e:  # noqa: BLE001 - a picture must not sink the numbers

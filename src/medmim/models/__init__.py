@@ -36,6 +36,8 @@ from medmim.models.vit import ViT3D
 if TYPE_CHECKING:
     from medmim.config import Config, ModelConfig
 
+PRETRAINERS = {"mae": MAE3D, "simmim": SimMIM3D, "simclr": SimCLR3D}
+
 __all__ = [
     "MAE3D", "SimMIM3D", "SimCLR3D", "UNETR", "ViT3D",
     "MIMOutput", "ContrastiveOutput", "TokenMask", "random_masking", "mask_to_image",
@@ -62,17 +64,11 @@ def build_encoder(model_cfg: "ModelConfig") -> ViT3D:
 
 
 def build_pretrainer(cfg: "Config") -> MAE3D | SimMIM3D | SimCLR3D:
-    """The pretrainer of ``cfg.pretrain.method`` on the encoder of ``cfg.model``."""
-    p = cfg.pretrain
+    """The pretrainer of ``cfg.pretrain.method`` on the encoder of ``cfg.model``, with that method's settings
+    (``cfg.pretrain.mae``, ``.simmim`` or ``.simclr``)."""
+    method, settings = cfg.pretrain.method, cfg.pretrain.settings.model_dump()
     encoder = build_encoder(cfg.model)
-    if p.method == "simclr":
-        return SimCLR3D(encoder=encoder, proj_dim=p.proj_dim, temperature=p.temperature)
-    mim = dict(encoder=encoder, mask_ratio=p.mask_ratio, mask_patch_size=p.mask_patch_size, decoder_dim=p.decoder_dim,
-               decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads, loss=p.loss,
-               norm_pix_loss=p.norm_pix_loss)
-    if p.method == "mae":
-        return MAE3D(**mim)
-    return SimMIM3D(**mim)
+    return PRETRAINERS[method](encoder=encoder, **settings)
 
 
 def build_unetr(model_cfg: "ModelConfig") -> UNETR:

@@ -8,23 +8,14 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import nn
 
-from medmim.errors import MedmimError
-from medmim.models.layers import Block, init_weights, run_blocks, sincos_pos_embed_3d, to_triple, unpatchify
-from medmim.models.losses import masked_patch_loss, patch_norm
-from medmim.models.masking import (
-    MIMOutput,
-    TokenMask,
-    as_token_mask,
-    mask_size_in_tokens,
-    mask_to_image,
-    random_masking,
-)
+from medmim.models.layers import run_blocks, sincos_pos_embed_3d
+from medmim.models.masking import MIMOutput, TokenMask, as_token_mask
+from medmim.models.mim import MaskedImageModel
 from medmim.models.vit import ViT3D
 
 
-class MAE3D(nn.Module):
+class MAE3D(MaskedImageModel):
     """Masked autoencoder on a :class:`ViT3D`.
 
     Args:
@@ -57,47 +48,12 @@ class MAE3D(nn.Module):
         loss: Literal["l1", "l2"] = "l2",
         norm_pix_loss: bool = False,
     ):
-        super().__init__()
-        if loss not in ("l1", "l2"):
-            raise MedmimError(f"loss must be 'l1' or 'l2', got {loss!r}")
-        if decoder_depth < 0:
-            raise MedmimError(f"decoder_depth must be >= 0, got {decoder_depth}")
-        self.encoder = encoder
-        self.patch_size = encoder.patch_size
-        self.mask_ratio = mask_ratio
-        self.mask_patch_size = to_triple(mask_patch_size or encoder.patch_size, "mask_patch_size")
-        self.mask_size = mask_size_in_tokens(self.mask_patch_size, self.patch_size)
-        self.loss_kind = loss
-        self.norm_pix_loss = norm_pix_loss
-        patch_dim = encoder.in_channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
-
-        # depth 0: no decoder transformer, the head reads encoder-width tokens directly
-        width = decoder_dim if decoder_depth > 0 else encoder.hidden_size
-        self.decoder_dim = width
-        self.decoder_embed = nn.Linear(encoder.hidden_size, width) if decoder_depth > 0 else nn.Identity()
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_3d(encoder.grid, width), persistent=False)
-        self.decoder_blocks = nn.ModuleList(
-            Block(dim=width, num_heads=decoder_heads, mlp_dim=int(width * decoder_mlp_ratio))
-            for _ in range(decoder_depth)
-        )
-        self.decoder_norm = nn.LayerNorm(width) if decoder_depth > 0 else nn.Identity()
-        self.decoder_pred = nn.Linear(width, patch_dim)
-        self.grad_checkpointing = False
-
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        self.encoder.set_grad_checkpointing(enable)
-
-    def random_mask(self, batch_size: int, grid: Sequence[int], *, generator: torch.Generator | None = None,
-                    device: torch.device | str | None = None) -> TokenMask:
-        """A fresh mask for a batch -> TokenMask with mask [N, L]."""
-        return random_masking(batch_size, grid, mask_ratio=self.mask_ratio, mask_size=self.mask_size,
-                              generator=generator, device=device)
+        super().__init__(encoder=encoder, mask_ratio=mask_ratio, mask_patch_size=mask_patch_size,
+                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+                         decoder_mlp_ratio=decoder_mlp_ratio, loss=loss, norm_pix_loss=norm_pix_loss)
+        self._init_mask_token(self.decoder_dim)  # stands for a hidden patch in the decoder
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_3d(encoder.grid, self.decoder_dim),
+                             persistent=False)
 
     def forward_encoder(self, patches: torch.Tensor, grid: Sequence[int], mask: TokenMask) -> torch.Tensor:
         """patches: [N, L, C*P] -> latent [N, K, E] of the K visible tokens."""
@@ -117,11 +73,6 @@ class MAE3D(nn.Module):
         x = self.decoder_norm(x)
         return self.decoder_pred(x)  # [N, L, C*P]
 
-    def forward_loss(self, patches: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """patches, pred: [N, L, C*P]; mask: [N, L] (1 = masked). Error over masked patches only."""
-        target = patch_norm(patches)[0] if self.norm_pix_loss else patches
-        return masked_patch_loss(pred, target, mask, kind=self.loss_kind)
-
     def forward(self, x: torch.Tensor, *, mask: TokenMask | torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MIMOutput:
         """x: [N, C, D, H, W]; mask: a fixed mask (TokenMask or bool [N, L]) or None to draw one."""
@@ -132,20 +83,9 @@ class MAE3D(nn.Module):
         latent = self.forward_encoder(patches, grid, mask)  # [N, K, E]
         pred = self.forward_decoder(latent, grid, mask)  # [N, L, C*P]
         loss = self.forward_loss(patches, pred, mask.mask)
-        return MIMOutput(loss=loss, pred=prediction_image(pred, patches, grid, self.patch_size, self.norm_pix_loss),
-                         mask=mask_to_image(mask.mask, grid, self.patch_size), token_mask=mask.mask)
+        return self._output(loss, pred, patches, grid, mask.mask)
 
     def _decoder_pos_embed(self, grid: Sequence[int]) -> torch.Tensor:
         if tuple(grid) == self.encoder.grid:
             return self.decoder_pos_embed
         return sincos_pos_embed_3d(grid, self.decoder_dim).to(self.decoder_pos_embed.device)
-
-
-def prediction_image(pred: torch.Tensor, patches: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int],
-                     norm_pix: bool) -> torch.Tensor:
-    """Per-patch predictions [N, L, C*P] -> an image [N, C, D, H, W] in input intensities (for previews)."""
-    pred = pred.detach().float()
-    if norm_pix:
-        _, mean, std = patch_norm(patches.detach().float())
-        pred = pred * std + mean
-    return unpatchify(pred, grid, patch_size)

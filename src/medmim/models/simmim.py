@@ -5,27 +5,21 @@ voxels only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from torch import nn
 
-from medmim.errors import MedmimError
-from medmim.models.layers import Block, init_weights, run_blocks, to_triple
-from medmim.models.losses import masked_patch_loss, patch_norm
-from medmim.models.mae import prediction_image
-from medmim.models.masking import (
-    MIMOutput,
-    TokenMask,
-    mask_size_in_tokens,
-    mask_to_image,
-    random_masking,
-)
+from medmim.models.layers import run_blocks
+from medmim.models.masking import MIMOutput, TokenMask
+from medmim.models.mim import MaskedImageModel
 from medmim.models.vit import ViT3D
 
+# before the decoder was named as MAE's, SimMIM's head was head_embed / head_blocks / head_norm / head_pred
+LEGACY_PREFIXES = {f"head_{part}.": f"decoder_{part}." for part in ("embed", "blocks", "norm", "pred")}
 
-class SimMIM3D(nn.Module):
+
+class SimMIM3D(MaskedImageModel):
     """SimMIM on a :class:`ViT3D`.
 
     Args:
@@ -38,6 +32,8 @@ class SimMIM3D(nn.Module):
         decoder_dim, decoder_heads, decoder_mlp_ratio: the light head's width, heads and MLP ratio.
         loss: ``"l1"`` (SimMIM) or ``"l2"`` on voxels of masked patches.
         norm_pix_loss: predict each patch normalised to zero mean and unit variance.
+
+    State dicts with the head's former names (``head_*``) load as they are.
     """
 
     def __init__(
@@ -53,43 +49,11 @@ class SimMIM3D(nn.Module):
         loss: Literal["l1", "l2"] = "l1",
         norm_pix_loss: bool = False,
     ):
-        super().__init__()
-        if loss not in ("l1", "l2"):
-            raise MedmimError(f"loss must be 'l1' or 'l2', got {loss!r}")
-        if decoder_depth < 0:
-            raise MedmimError(f"decoder_depth must be >= 0, got {decoder_depth}")
-        self.encoder = encoder
-        self.patch_size = encoder.patch_size
-        self.mask_ratio = mask_ratio
-        self.mask_patch_size = to_triple(mask_patch_size or encoder.patch_size, "mask_patch_size")
-        self.mask_size = mask_size_in_tokens(self.mask_patch_size, self.patch_size)
-        self.loss_kind = loss
-        self.norm_pix_loss = norm_pix_loss
-        patch_dim = encoder.in_channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
-
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.hidden_size))
-        # the head: [Linear -> blocks -> norm] when deep, then the Linear to voxels
-        width = decoder_dim if decoder_depth > 0 else encoder.hidden_size
-        self.head_embed = nn.Linear(encoder.hidden_size, width) if decoder_depth > 0 else nn.Identity()
-        self.head_blocks = nn.ModuleList(
-            Block(dim=width, num_heads=decoder_heads, mlp_dim=int(width * decoder_mlp_ratio))
-            for _ in range(decoder_depth)
-        )
-        self.head_norm = nn.LayerNorm(width) if decoder_depth > 0 else nn.Identity()
-        self.head_pred = nn.Linear(width, patch_dim)
-
-        for m in (self.head_embed, self.head_blocks, self.head_norm, self.head_pred):
-            m.apply(init_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
-
-    def random_mask(self, batch_size: int, grid: Sequence[int], *, generator: torch.Generator | None = None,
-                    device: torch.device | str | None = None) -> TokenMask:
-        """A fresh mask for a batch -> TokenMask with mask [N, L]."""
-        return random_masking(batch_size, grid, mask_ratio=self.mask_ratio, mask_size=self.mask_size,
-                              generator=generator, device=device)
+        super().__init__(encoder=encoder, mask_ratio=mask_ratio, mask_patch_size=mask_patch_size,
+                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+                         decoder_mlp_ratio=decoder_mlp_ratio, loss=loss, norm_pix_loss=norm_pix_loss)
+        self._init_mask_token(encoder.hidden_size)  # stands for a hidden patch in the encoder
+        self.register_load_state_dict_pre_hook(_upgrade_legacy_keys)
 
     def forward_encoder(self, patches: torch.Tensor, grid: Sequence[int], mask: torch.Tensor) -> torch.Tensor:
         """patches: [N, L, C*P], mask: [N, L] -> features [N, L, E]."""
@@ -100,26 +64,43 @@ class SimMIM3D(nn.Module):
         tokens = tokens + self.encoder.pos_embed_for(grid)
         return self.encoder.forward_tokens(tokens)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """features: [N, L, E] -> pred [N, L, C*P]"""
-        x = self.head_embed(features)
-        x = run_blocks(self.head_blocks, x)
-        return self.head_pred(self.head_norm(x))
-
-    def forward_loss(self, patches: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """patches, pred: [N, L, C*P]; mask: [N, L] (1 = masked). Error over masked voxels only."""
-        target = patch_norm(patches)[0] if self.norm_pix_loss else patches
-        return masked_patch_loss(pred, target, mask, kind=self.loss_kind)
+    def forward_decoder(self, features: torch.Tensor) -> torch.Tensor:
+        """features: [N, L, E] -> pred [N, L, C*P]; no mask tokens or positions to add, the encoder did."""
+        x = self.decoder_embed(features)  # [N, L, Dd]
+        x = run_blocks(self.decoder_blocks, x)  # the light head is not checkpointed
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x)  # [N, L, C*P]
 
     def forward(self, x: torch.Tensor, *, mask: TokenMask | torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MIMOutput:
-        """x: [N, C, D, H, W]; mask: a fixed mask (TokenMask or bool [N, L]) or None to draw one."""
+        """x: [N, C, D, H, W]; mask: a fixed mask (TokenMask or bool [N, L]; counts may differ per sample)
+        or None to draw one."""
         patches, grid = self.encoder.patchify(x)  # [N, L, C*P]
         if mask is None:
             mask = self.random_mask(x.shape[0], grid, generator=generator, device=x.device)
         token_mask = mask.mask if isinstance(mask, TokenMask) else mask.bool()  # [N, L]
         features = self.forward_encoder(patches, grid, token_mask)  # [N, L, E]
-        pred = self.forward_head(features)  # [N, L, C*P]
+        pred = self.forward_decoder(features)  # [N, L, C*P]
         loss = self.forward_loss(patches, pred, token_mask)
-        return MIMOutput(loss=loss, pred=prediction_image(pred, patches, grid, self.patch_size, self.norm_pix_loss),
-                         mask=mask_to_image(token_mask, grid, self.patch_size), token_mask=token_mask)
+        return self._output(loss, pred, patches, grid, token_mask)
+
+
+def upgrade_legacy_keys(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A SimMIM state dict with the former head names (``head_pred.weight``...) -> today's names
+    (``decoder_pred.weight``...), in the same order; other keys, and keys outside ``prefix``, unchanged."""
+    out = {}
+    for key, value in state.items():
+        for old, new in LEGACY_PREFIXES.items():
+            if key.startswith(prefix + old):
+                key = prefix + new + key[len(prefix + old):]
+                break
+        out[key] = value
+    return out
+
+
+def _upgrade_legacy_keys(module, state_dict, prefix, *args) -> None:
+    # load_state_dict pre-hook: rename in place, so resuming an old run and loading an old file both work
+    if any(k.startswith(prefix + old) for k in state_dict for old in LEGACY_PREFIXES):
+        upgraded = upgrade_legacy_keys(state_dict, prefix)
+        state_dict.clear()
+        state_dict.update(upgraded)

@@ -29,6 +29,7 @@ from torch import nn
 from medmim.errors import MedmimError
 from medmim.fileio import atomic_write
 from medmim.models.layers import interpolate_pos_embed
+from medmim.models.simmim import upgrade_legacy_keys
 from medmim.models.vit import ViT3D
 
 Tensor = torch.Tensor
@@ -138,6 +139,7 @@ class Checkpoint:
     state: dict[str, Tensor]
     config: dict | None
     source: str
+    data: dict | None = None  # what the run read from its data (labels, lateral pairs, preprocessing)
 
 
 def _config_dict(config: Any) -> dict | None:
@@ -157,7 +159,8 @@ def _config_dict(config: Any) -> dict | None:
     return dict(config)
 
 
-def save_weights(path: str | os.PathLike, weights: nn.Module | Mapping[str, Tensor], *, config: Any = None) -> Path:
+def save_weights(path: str | os.PathLike, weights: nn.Module | Mapping[str, Tensor], *, config: Any = None,
+                 data: dict | None = None) -> Path:
     """Write a safetensors file; ``config`` (a Config, or a JSON-able mapping) goes in the metadata as JSON.
 
     The file is written next to its destination and renamed, so a crash never leaves half a file.
@@ -171,6 +174,8 @@ def save_weights(path: str | os.PathLike, weights: nn.Module | Mapping[str, Tens
     cfg = _config_dict(config)
     if cfg is not None:
         metadata["config"] = json.dumps(cfg)
+    if data is not None:
+        metadata["data"] = json.dumps(data)
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
@@ -194,10 +199,30 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | Non
             config = json.loads(metadata["config"])
         except json.JSONDecodeError:
             raise MedmimError(f"{path}: the config stored in the safetensors metadata is not valid JSON")
-    return state, config
+    return upgrade_legacy_state(state), config
+
+
+def upgrade_legacy_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Today's names for a state dict of an older layout, as read from a file: a SimMIM from before its head
+    was named like MAE's decoder (``head_pred.weight`` -> ``decoder_pred.weight``). Others come back as they are."""
+    prefix = _prefix_of(state, "head_pred.weight")
+    if prefix is None or prefix + "mask_token" not in state or prefix + "decoder_pred.weight" in state:
+        return state
+    return upgrade_legacy_keys(state, prefix)
 
 
 _STATE_KEYS = ("model", "state_dict", "model_state", "module", "weights")
+
+
+def _stored_data(path: Path) -> dict | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("data")
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        raise MedmimError(f"{path}: the data record stored in the safetensors metadata is not valid JSON")
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -211,7 +236,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise MedmimError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
         state, config = load_weights(path)
-        return Checkpoint(state=state, config=config, source=str(path))
+        return Checkpoint(state=state, config=config, source=str(path), data=_stored_data(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a plain-weights file
@@ -225,10 +250,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if isinstance(obj.get(key), Mapping):
             state = obj[key]
             break
-    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    tensors = upgrade_legacy_state({k: v for k, v in state.items() if isinstance(v, Tensor)})
     if not tensors:
         raise MedmimError(f"{path}: no tensors found (looked at the top level and under {', '.join(_STATE_KEYS)})")
-    return Checkpoint(state=tensors, config=config, source=str(path))
+    data = obj.get("data") if isinstance(obj.get("data"), Mapping) else None
+    return Checkpoint(state=tensors, config=config, source=str(path), data=data)
 
 
 # ---------------------------------------------------------------------------------------------

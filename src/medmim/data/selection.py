@@ -1,4 +1,4 @@
-"""From ``data.path`` to the cases a run trains and validates on.
+"""From ``data.path`` to the cases a run trains and validates on, and the record of what it read.
 
 Each entry of ``data.path`` is a prepared cache (used as it is) or a raw dataset, which is prepared
 once into ``data.cache_dir`` (default ``$MEDMIM_CACHE`` or ``~/.cache/medmim``) under a name that
@@ -122,18 +122,28 @@ def _channels(caches: list[Cache]) -> int:
     return chans.pop()
 
 
-def record_preprocessing(data_cfg, caches: list[Cache]) -> None:
-    """Write into ``data_cfg`` the preprocessing the fine-tuning data actually had (modality, spacing, HU
-    window, from the caches' manifests), so that a checkpoint predicts with exactly that preprocessing."""
+def data_record(cases: RunCases, caches: list[Cache], finetune: bool) -> dict:
+    """What a run reads from its data, recorded beside its config (``RUN/data.json``, the checkpoints):
+    the label names and lateral pairs, and for fine-tuning the preprocessing the data actually had
+    (modality, spacing, HU window, from the caches' manifests), so that a checkpoint predicts with exactly that."""
+    record: dict = {"labels": {int(k): v for k, v in cases.labels.items()},
+                    "lateral_pairs": [list(p) for p in cases.lateral_pairs]}
+    if not finetune:
+        return record
+    folders = [c.folder.resolve() for c in cases.train + cases.val]
+    used = [c for c in caches if any(c.root.resolve() in f.parents for f in folders)]
     seen = {json.dumps({k: c.manifest.get("settings", {}).get(k) for k in ("modality", "spacing", "hu_window")},
-                       sort_keys=True) for c in caches}
+                       sort_keys=True) for c in used}
     if len(seen) > 1:
         raise MedmimError("fine-tuning data prepared with different settings (" + "; ".join(sorted(seen)) +
                           "): a model predicts with one preprocessing; prepare them alike or fine-tune on one")
     got = json.loads(seen.pop())
+    prep: dict = {}
     if got.get("modality") in ("ct", "mri"):
-        data_cfg.modality = got["modality"]
+        prep["modality"] = got["modality"]
     if got.get("spacing"):
-        data_cfg.spacing = tuple(float(v) for v in got["spacing"])
+        prep["spacing"] = [float(v) for v in got["spacing"]]
     if got.get("hu_window"):
-        data_cfg.hu_window = tuple(float(v) for v in got["hu_window"])
+        prep["hu_window"] = [float(v) for v in got["hu_window"]]
+    record["preprocessing"] = prep
+    return record

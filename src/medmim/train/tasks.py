@@ -1,0 +1,290 @@
+"""What differs between training methods: one small class per method, the loop is the engine's.
+
+A task builds its model, says how crops become batches (transform, labels), runs the forward pass and
+loss of one batch, validates, draws previews and names its metric columns. Adding a method is adding a
+class here and a line in :func:`task_for`; the engine does not change.
+
+    task = task_for(cfg, cases, device, warn)
+    model = task.build_model(log)
+    loss, out = task.forward(model, batch)     # batch from task.sampler(...), or task.synthetic_batch(n)
+    row = task.validate(model)                 # {"val_loss": ...} or {"val_dice": ..., "dice_1": ...}
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medmim.config import Config
+from medmim.data.augment import TwoViews, finetune_transform
+from medmim.data.selection import RunCases
+from medmim.data.sampling import CropSampler
+from medmim.errors import MedmimError
+from medmim.runtime import autocast
+
+# fixed crops and masks of held-out pretraining validation: values compare across steps and runs
+VAL_SEED = 12345
+VAL_CROPS = 16
+
+
+def segmentation_loss() -> nn.Module:
+    """The fine-tuning loss: Dice + cross-entropy on softmax outputs against integer labels (the paper's)."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+class Task:
+    """The per-method half of a training run (see the module docstring)."""
+
+    use_labels = False  # crops carry their label maps
+
+    def __init__(self, cfg: Config, cases: RunCases, device: torch.device, warn=print):
+        self.cfg, self.cases, self.device, self.warn = cfg, cases, device, warn
+        self._val_warned: set[str] = set()
+
+    # -- what the run is --
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def columns(self) -> list[str]:
+        """Metric columns beyond the engine's own."""
+        return []
+
+    def build_model(self, log=print) -> nn.Module:
+        raise NotImplementedError
+
+    # -- data --
+    def transform(self):
+        return None
+
+    def sampler(self, cases, *, start_epoch: int = 0, epochs: int | None = None, seed: int | None = None,
+                rank: int = 0, world: int = 1) -> CropSampler:
+        d = self.cfg.data
+        return CropSampler(cases, d.roi_size, d.crops_per_volume, d.pos_fraction,
+                           seed=self.cfg.train.seed if seed is None else seed, epochs=epochs, start_epoch=start_epoch,
+                           rank=rank, world_size=world, transform=self.transform(), use_labels=self.use_labels,
+                           verify=d.verify_checksums)
+
+    def synthetic_batch(self, n: int, generator: torch.Generator) -> dict:
+        """A batch of ``n`` random crops shaped like the real ones (for timing a step)."""
+        return {"image": torch.rand(n, self.cfg.model.in_channels, *self.cfg.data.roi_size, generator=generator)}
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=self.device.type == "cuda")
+
+    # -- one step --
+    def forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, object]:
+        """The loss of one batch, and what a preview of it needs."""
+        raise NotImplementedError
+
+    # -- validation --
+    def validate(self, model: nn.Module) -> dict:
+        """A metrics row on the held-out cases (the model is in eval mode, gradients off)."""
+        raise NotImplementedError
+
+    def score(self, row: dict) -> float | None:
+        """The value whose best is kept as ``best.pt`` (None: no best checkpoint)."""
+        return None
+
+    def validation_message(self, step: int, row: dict, best: float) -> str:
+        raise NotImplementedError
+
+    def warn_val(self, case, why) -> None:
+        """Name an unusable validation case once; it is left out of the validation metrics."""
+        name = getattr(case, "case_id", case)
+        if name not in self._val_warned:
+            self._val_warned.add(name)
+            self.warn(f"warning: validation case {name} left out: {why}")
+
+    def _val_crops(self):
+        """The held-out crops, the same at every validation: one epoch, fixed seed, all on this process."""
+        for item in self.sampler(self.cases.val, epochs=1, seed=VAL_SEED):
+            for line in item.pop("bad_cases", "").splitlines():
+                self.warn_val(Path(line.partition("\t")[0]).name, line.partition("\t")[2])
+            yield item
+
+    # -- previews --
+    def preview(self, path: Path, out) -> None:
+        raise NotImplementedError
+
+
+class MaskedImageTask(Task):
+    """MAE and SimMIM: masked crops in, reconstruction loss on the masked voxels out."""
+
+    def describe(self) -> str:
+        return f"pretrain ({self.cfg.pretrain.method})"
+
+    def build_model(self, log=print) -> nn.Module:
+        from medmim.models import build_pretrainer
+
+        return build_pretrainer(self.cfg)
+
+    def forward(self, model, batch):
+        x = self._to(batch["image"])
+        out = model(x)
+        return out.loss, (x, out)
+
+    def validate(self, model) -> dict:
+        gen = torch.Generator(device="cpu").manual_seed(VAL_SEED)
+        losses = []
+        for item in self._val_crops():
+            with autocast(self.cfg.train.precision, self.device):
+                out = model(item["image"][None].to(self.device), generator=gen)
+            losses.append(float(out.loss))
+            if len(losses) >= VAL_CROPS:
+                break
+        return {"val_loss": float(np.mean(losses)) if losses else float("nan")}
+
+    def validation_message(self, step, row, best) -> str:
+        return f"step {step}: held-out masked reconstruction loss {row['val_loss']:.4f}"
+
+    def preview(self, path, out) -> None:
+        from medmim.preview import save_mim_preview
+
+        x, o = out
+        save_mim_preview(path, x[0, 0], o.mask[0, 0], o.pred[0, 0])
+
+
+class ContrastiveTask(Task):
+    """SimCLR: two augmented views of each crop, NT-Xent between their projections."""
+
+    def describe(self) -> str:
+        return "pretrain (simclr)"
+
+    def build_model(self, log=print) -> nn.Module:
+        from medmim.models import build_pretrainer
+
+        return build_pretrainer(self.cfg)
+
+    def transform(self):
+        return TwoViews(self.cfg.data.roi_size)
+
+    def synthetic_batch(self, n, generator) -> dict:
+        x = super().synthetic_batch(n, generator)["image"]
+        return {"view1": x, "view2": x.flip(-1)}
+
+    def forward(self, model, batch):
+        v1, v2 = self._to(batch["view1"]), self._to(batch["view2"])
+        return model(v1, v2).loss, (v1, v2)
+
+    def validate(self, model) -> dict:
+        losses = []
+        for item in self._val_crops():
+            out = model(item["view1"][None].to(self.device), item["view2"][None].to(self.device))
+            # a batch of one has no negatives: score the two views' agreement instead
+            losses.append(float(1 - torch.nn.functional.cosine_similarity(out.z1, out.z2).mean()))
+            if len(losses) >= VAL_CROPS:
+                break
+        return {"val_loss": float(np.mean(losses)) if losses else float("nan")}
+
+    def validation_message(self, step, row, best) -> str:
+        return f"step {step}: held-out contrastive loss {row['val_loss']:.4f}"
+
+    def preview(self, path, out) -> None:
+        from medmim.preview import save_views_preview
+
+        v1, v2 = out
+        save_views_preview(path, v1[0, 0], v2[0, 0])
+
+
+class SegmentationTask(Task):
+    """UNETR fine-tuning: DiceCE on labeled crops; sliding-window Dice on whole held-out volumes."""
+
+    use_labels = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.loss_fn = segmentation_loss()
+        self.transfer = None  # the report of loading model.pretrained, once built
+
+    def describe(self) -> str:
+        return "finetune (UNETR)"
+
+    def columns(self) -> list[str]:
+        return ["val_dice"] + [f"dice_{c}" for c in sorted(self.cases.labels) if c != 0]
+
+    def build_model(self, log=print) -> nn.Module:
+        from medmim.models import build_unetr
+        from medmim.models.transfer import load_pretrained
+
+        model = build_unetr(self.cfg.model)
+        if self.cfg.model.pretrained:
+            self.transfer = load_pretrained(model, self.cfg.model.pretrained, partial=self.cfg.model.partial_load)
+            log(self.transfer.summary())
+        else:
+            log("encoder: trained from scratch (model.pretrained not set): nothing loaded")
+        return model
+
+    def transform(self):
+        return finetune_transform(self.cases.lateral_pairs)
+
+    def synthetic_batch(self, n, generator) -> dict:
+        batch = super().synthetic_batch(n, generator)
+        batch["label"] = torch.randint(0, self.cfg.model.num_classes, (n, 1, *self.cfg.data.roi_size), generator=generator)
+        return batch
+
+    def forward(self, model, batch):
+        x, y = self._to(batch["image"]), self._to(batch["label"]).long()
+        logits = model(x)
+        return self.loss_fn(logits.float(), y), (x, y, logits)
+
+    def validate(self, model) -> dict:
+        """Sliding-window inference over each whole validation volume; MONAI Dice per class (background excluded)."""
+        from monai.inferers import sliding_window_inference
+        from monai.metrics import DiceMetric
+        from monai.networks.utils import one_hot
+
+        t, n_cls = self.cfg.train, self.cfg.model.num_classes
+        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        scored = 0
+        for case in self.cases.val:
+            try:
+                if self.cfg.data.verify_checksums:
+                    case.verify()
+                x = torch.from_numpy(np.asarray(case.image(), dtype=np.float32))[None].to(self.device)
+                y = torch.from_numpy(np.asarray(case.label(), dtype=np.int64))[None, None].to(self.device)
+            except (MedmimError, OSError, ValueError, EOFError) as e:
+                self.warn_val(case, e)
+                continue
+            scored += 1
+            with autocast(t.precision, self.device):
+                logits = sliding_window_inference(x, self.cfg.model.img_size, t.sw_batch_size, model,
+                                                  overlap=t.sw_overlap, mode="gaussian")
+            pred = logits.float().argmax(1, keepdim=True)
+            metric(one_hot(pred, n_cls), one_hot(y, n_cls))
+        if not scored:
+            return {"val_dice": float("nan")}
+        per_case = metric.aggregate().cpu().numpy()  # [cases, classes-1], NaN where a class is absent from both
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case stays NaN
+            per_class = np.nanmean(per_case, axis=0)
+            row = {"val_dice": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0}
+        for c, v in enumerate(per_class, start=1):
+            row[f"dice_{c}"] = float(v)
+        return row
+
+    def score(self, row) -> float:
+        return row["val_dice"]
+
+    def validation_message(self, step, row, best) -> str:
+        return f"step {step}: validation mean Dice {row['val_dice']:.4f} (best {max(best, row['val_dice']):.4f})"
+
+    def preview(self, path, out) -> None:
+        from medmim.preview import save_finetune_preview
+
+        x, y, logits = out
+        save_finetune_preview(path, x[0, 0], y[0, 0], logits[0].argmax(0), self.cases.labels)
+
+
+def task_for(cfg: Config, cases: RunCases, device: torch.device, warn=print) -> Task:
+    """The task of ``cfg``: segmentation for fine-tuning, else the pretraining method's."""
+    if cfg.task == "finetune":
+        return SegmentationTask(cfg, cases, device, warn)
+    if cfg.pretrain.method == "simclr":
+        return ContrastiveTask(cfg, cases, device, warn)
+    return MaskedImageTask(cfg, cases, device, warn)
