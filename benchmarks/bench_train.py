@@ -274,11 +274,10 @@ class Impl:
 
 
 def autocast(device: torch.device, precision: str):
-    from contextlib import nullcontext
+    """medmim's own autocast (the engine's), for both sides alike."""
+    from medmim.runtime import autocast as medmim_autocast
 
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return medmim_autocast(precision, device)
 
 
 ADAMW_FUSED_BOTH = False  # --adamw fused

@@ -351,7 +351,7 @@ def study(spec: str, overrides: tuple[str, ...], out: Path | None, dry_run: bool
     skipping finished cells, then write summary.md, cells.csv and curves.png. OVERRIDES (key=value)
     apply to every run, e.g. data.path=/data/btcv for a paper-scale spec.
     """
-    from medmim.study import StudyRun, dry_run_table, load_spec, study_names
+    from medmim.study import StudyRun, dry_run_table, load_spec
 
     sp = load_spec(spec)
     for o in overrides:

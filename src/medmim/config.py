@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_text
@@ -81,18 +82,12 @@ class DataConfig(_Section):
             return [str(v)]
         return v
 
-    @field_validator("spacing")
+    @field_validator("spacing", "roi_size")
     @classmethod
-    def _positive_spacing(cls, v: FTriple) -> FTriple:
+    def _positive(cls, v: tuple, info: ValidationInfo) -> tuple:
         if any(s <= 0 for s in v):
-            raise ValueError(f"spacing must be positive mm, got {list(v)}")
-        return v
-
-    @field_validator("roi_size")
-    @classmethod
-    def _positive_roi(cls, v: Triple) -> Triple:
-        if any(s <= 0 for s in v):
-            raise ValueError(f"roi_size must be positive, got {list(v)}")
+            unit = " mm" if info.field_name == "spacing" else ""
+            raise ValueError(f"{info.field_name} must be positive{unit}, got {list(v)}")
         return v
 
     @field_validator("hu_window")

@@ -170,21 +170,30 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
     path = Path(path)
     if not path.exists():
         raise MedmimError(f"{path}: file not found")
+    return {"dicom": _dicom_series_info, "nifti": _nifti_info, "sitk": _sitk_info}[_kind(path)](path)
+
+
+def _nifti_info(path: Path) -> ImageInfo:
+    img = _nifti_header(path)
+    try:
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        dtype = np.dtype(img.get_data_dtype())
+    except Exception as e:  # nibabel raises many types on corrupt headers
+        raise MedmimError(f"{path}: corrupt NIfTI header ({_short(e)})")
+    _check_plausible(path, shape, affine)
+    return ImageInfo(path, shape, affine, dtype)
+
+
+def _kind(path: Path) -> str:
+    """dicom (a series folder), nifti or sitk (NRRD, MHA/MHD, one DICOM file); else an error naming the file."""
     name = path.name.lower()
     if path.is_dir():
-        return _dicom_series_info(path)
+        return "dicom"
     if name.endswith(NIFTI_SUFFIXES):
-        img = _nifti_header(path)
-        try:
-            shape = tuple(int(s) for s in img.shape)
-            affine = np.asarray(img.affine, dtype=np.float64)
-            dtype = np.dtype(img.get_data_dtype())
-        except Exception as e:  # nibabel raises many types on corrupt headers
-            raise MedmimError(f"{path}: corrupt NIfTI header ({_short(e)})")
-        _check_plausible(path, shape, affine)
-        return ImageInfo(path, shape, affine, dtype)
+        return "nifti"
     if name.endswith(SITK_SUFFIXES) or name.endswith(".dcm"):
-        return _sitk_info(path)
+        return "sitk"
     raise MedmimError(f"{path}: unknown image format (expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)")
 
 
@@ -195,16 +204,16 @@ def read_image(path: str | os.PathLike) -> Image:
     """
     path = Path(path)
     info = read_info(path)  # cheap header check first: refuses absurd sizes before allocating
-    name = path.name.lower()
-    if path.is_dir():
+    kind = _kind(path)
+    if kind == "dicom":
         return _read_dicom_series(path)
-    if name.endswith(NIFTI_SUFFIXES):
+    if kind == "nifti":
         img = _nifti_header(path)
         try:
             offset, itemsize = int(img.header.get_data_offset()), np.dtype(img.get_data_dtype()).itemsize
         except Exception as e:  # nibabel raises many types on corrupt headers
             raise MedmimError(f"{path}: corrupt NIfTI header ({_short(e)})")
-        _check_data_size(path, info.shape, itemsize, path, offset, exact=not name.endswith(".gz"))
+        _check_data_size(path, info.shape, itemsize, path, offset, exact=not path.name.lower().endswith(".gz"))
         try:
             # dataobj keeps the stored dtype (int16 stays int16) and applies scl_slope if set
             array = np.asarray(img.dataobj)

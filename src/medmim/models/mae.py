@@ -11,7 +11,7 @@ import torch
 
 from medmim.models.layers import run_blocks, sincos_pos_embed_3d
 from medmim.models.masking import MIMOutput, TokenMask, as_token_mask
-from medmim.models.mim import MaskedImageModel
+from medmim.models.mim import MaskedImageModel, constructor_args
 from medmim.models.vit import ViT3D
 
 
@@ -35,22 +35,10 @@ class MAE3D(MaskedImageModel):
     The decoder's position embedding is a fixed sin-cos table.
     """
 
-    def __init__(
-        self,
-        *,
-        encoder: ViT3D,
-        mask_ratio: float = 0.75,
-        mask_patch_size: int | Sequence[int] | None = None,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        decoder_mlp_ratio: float = 4.0,
-        loss: Literal["l1", "l2"] = "l2",
-        norm_pix_loss: bool = False,
-    ):
-        super().__init__(encoder=encoder, mask_ratio=mask_ratio, mask_patch_size=mask_patch_size,
-                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
-                         decoder_mlp_ratio=decoder_mlp_ratio, loss=loss, norm_pix_loss=norm_pix_loss)
+    def __init__(self, *, encoder: ViT3D, mask_ratio: float = 0.75, mask_patch_size: int | Sequence[int] | None = None,
+                 decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+                 decoder_mlp_ratio: float = 4.0, loss: Literal["l1", "l2"] = "l2", norm_pix_loss: bool = False):
+        super().__init__(**constructor_args(locals()))
         self._init_mask_token(self.decoder_dim)  # stands for a hidden patch in the decoder
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_3d(encoder.grid, self.decoder_dim),
                              persistent=False)

@@ -22,6 +22,11 @@ from medmim.models.masking import MIMOutput, TokenMask, mask_size_in_tokens, mas
 from medmim.models.vit import ViT3D
 
 
+def constructor_args(local_vars: dict) -> dict:
+    """A subclass constructor's keyword arguments, from its ``locals()``, to pass on to the base."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
+
+
 class MaskedImageModel(nn.Module):
     """The base of :class:`~medmim.models.mae.MAE3D` and :class:`~medmim.models.simmim.SimMIM3D`; see
     those for the arguments. Subclasses add their ``mask_token`` and ``forward``."""

@@ -12,7 +12,7 @@ import torch
 
 from medmim.models.layers import run_blocks
 from medmim.models.masking import MIMOutput, TokenMask
-from medmim.models.mim import MaskedImageModel
+from medmim.models.mim import MaskedImageModel, constructor_args
 from medmim.models.vit import ViT3D
 
 # before the decoder was named as MAE's, SimMIM's head was head_embed / head_blocks / head_norm / head_pred
@@ -36,22 +36,10 @@ class SimMIM3D(MaskedImageModel):
     State dicts with the head's former names (``head_*``) load as they are.
     """
 
-    def __init__(
-        self,
-        *,
-        encoder: ViT3D,
-        mask_ratio: float = 0.75,
-        mask_patch_size: int | Sequence[int] | None = None,
-        decoder_dim: int = 384,
-        decoder_depth: int = 0,
-        decoder_heads: int = 12,
-        decoder_mlp_ratio: float = 4.0,
-        loss: Literal["l1", "l2"] = "l1",
-        norm_pix_loss: bool = False,
-    ):
-        super().__init__(encoder=encoder, mask_ratio=mask_ratio, mask_patch_size=mask_patch_size,
-                         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
-                         decoder_mlp_ratio=decoder_mlp_ratio, loss=loss, norm_pix_loss=norm_pix_loss)
+    def __init__(self, *, encoder: ViT3D, mask_ratio: float = 0.75, mask_patch_size: int | Sequence[int] | None = None,
+                 decoder_dim: int = 384, decoder_depth: int = 0, decoder_heads: int = 12,
+                 decoder_mlp_ratio: float = 4.0, loss: Literal["l1", "l2"] = "l1", norm_pix_loss: bool = False):
+        super().__init__(**constructor_args(locals()))
         self._init_mask_token(encoder.hidden_size)  # stands for a hidden patch in the encoder
         self.register_load_state_dict_pre_hook(_upgrade_legacy_keys)
 

@@ -101,12 +101,17 @@ class Task:
             self._val_warned.add(name)
             self.warn(f"warning: validation case {name} left out: {why}")
 
-    def _val_crops(self):
-        """The held-out crops, the same at every validation: one epoch, fixed seed, all on this process."""
+    def _held_out_loss(self, loss_of) -> dict:
+        """Mean of ``loss_of(crop)`` over the first VAL_CROPS held-out crops, the same at every validation
+        (one epoch, fixed seed, all on this process)."""
+        losses = []
         for item in self.sampler(self.cases.val, epochs=1, seed=VAL_SEED):
             for line in item.pop("bad_cases", "").splitlines():
                 self.warn_val(Path(line.partition("\t")[0]).name, line.partition("\t")[2])
-            yield item
+            losses.append(loss_of(item))
+            if len(losses) >= VAL_CROPS:
+                break
+        return {"val_loss": float(np.mean(losses)) if losses else float("nan")}
 
     # -- previews --
     def preview(self, path: Path, out) -> None:
@@ -130,15 +135,13 @@ class MaskedImageTask(Task):
         return out.loss, (x, out)
 
     def validate(self, model) -> dict:
-        gen = torch.Generator(device="cpu").manual_seed(VAL_SEED)
-        losses = []
-        for item in self._val_crops():
+        gen = torch.Generator(device="cpu").manual_seed(VAL_SEED)  # the same masks at every validation
+
+        def loss_of(item) -> float:
             with autocast(self.cfg.train.precision, self.device):
-                out = model(item["image"][None].to(self.device), generator=gen)
-            losses.append(float(out.loss))
-            if len(losses) >= VAL_CROPS:
-                break
-        return {"val_loss": float(np.mean(losses)) if losses else float("nan")}
+                return float(model(item["image"][None].to(self.device), generator=gen).loss)
+
+        return self._held_out_loss(loss_of)
 
     def validation_message(self, step, row, best) -> str:
         return f"step {step}: held-out masked reconstruction loss {row['val_loss']:.4f}"
@@ -173,14 +176,12 @@ class ContrastiveTask(Task):
         return model(v1, v2).loss, (v1, v2)
 
     def validate(self, model) -> dict:
-        losses = []
-        for item in self._val_crops():
+        def loss_of(item) -> float:
             out = model(item["view1"][None].to(self.device), item["view2"][None].to(self.device))
             # a batch of one has no negatives: score the two views' agreement instead
-            losses.append(float(1 - torch.nn.functional.cosine_similarity(out.z1, out.z2).mean()))
-            if len(losses) >= VAL_CROPS:
-                break
-        return {"val_loss": float(np.mean(losses)) if losses else float("nan")}
+            return float(1 - torch.nn.functional.cosine_similarity(out.z1, out.z2).mean())
+
+        return self._held_out_loss(loss_of)
 
     def validation_message(self, step, row, best) -> str:
         return f"step {step}: held-out contrastive loss {row['val_loss']:.4f}"
