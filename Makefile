@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_predict_ct.py
+	$(BIN)/python benchmarks/bench_finetune_run.py --sweep
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -70,17 +70,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
                   dec_depth=8, dec_heads=16, batch=2, feature_size=16, num_classes=14, volume=(256, 256, 96)),
     "demo": dict(img=48, patch=8, hidden=192, layers=6, heads=6, mlp=768, mask_ratio=0.75, dec_dim=128,
                  dec_depth=2, dec_heads=4, batch=4, feature_size=8, num_classes=14, volume=(128, 128, 64)),
+    # phantom-science-v2's fine-tuning: the paper's ViT share of the network (216 tokens, ~12% of the FLOPs)
+    "v2": dict(img=48, patch=8, hidden=192, layers=6, heads=6, mlp=768, mask_ratio=0.75, dec_dim=128,
+               dec_depth=2, dec_heads=4, batch=4, feature_size=4, num_classes=14, volume=(128, 128, 64)),
 }
 TASKS = ("mae", "simmim", "unetr", "predict")
 
 # (warm-up, repeats) per device kind, task and configuration; --warmup / --repeats override
 REPEATS = {
     "cpu": {"paper": {"mae": (1, 3), "simmim": (1, 3), "unetr": (1, 2), "predict": (1, 1)},
-            "demo": {"mae": (2, 5), "simmim": (2, 5), "unetr": (1, 3), "predict": (1, 2)}},
+            "demo": {"mae": (2, 5), "simmim": (2, 5), "unetr": (1, 3), "predict": (1, 2)},
+            "v2": {"mae": (2, 5), "simmim": (2, 5), "unetr": (1, 3), "predict": (1, 2)}},
     "cpu-quick": {"demo": {"mae": (1, 3), "simmim": (1, 3), "unetr": (1, 2), "predict": (1, 1)},
-                  "paper": {"mae": (1, 2), "simmim": (1, 2), "unetr": (1, 1), "predict": (1, 1)}},
+                  "paper": {"mae": (1, 2), "simmim": (1, 2), "unetr": (1, 1), "predict": (1, 1)},
+                  "v2": {"mae": (1, 3), "simmim": (1, 3), "unetr": (1, 2), "predict": (1, 1)}},
     "cuda": {"paper": {"mae": (3, 10), "simmim": (3, 10), "unetr": (3, 10), "predict": (1, 3)},
-             "demo": {"mae": (3, 10), "simmim": (3, 10), "unetr": (3, 10), "predict": (1, 3)}},
+             "demo": {"mae": (3, 10), "simmim": (3, 10), "unetr": (3, 10), "predict": (1, 3)},
+             "v2": {"mae": (3, 10), "simmim": (3, 10), "unetr": (3, 10), "predict": (1, 3)}},
 }
 
 
@@ -746,7 +752,7 @@ def render(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="demo configuration only, fewer repeats, smaller volume")
-    ap.add_argument("--configs", default=None, help="comma list of paper,demo (default: both; --quick: demo)")
+    ap.add_argument("--configs", default=None, help="comma list of paper,demo,v2 (default: all three; --quick: demo)")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)}")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--bf16", choices=("auto", "all"), default="auto",
@@ -787,7 +793,7 @@ def main() -> None:
         for c in CONFIGS.values():
             c["batch"] = args.batch
     _register_cpu_sdpa_flops()
-    configs = (args.configs or ("demo" if args.quick else "paper,demo")).split(",")
+    configs = (args.configs or ("demo" if args.quick else "paper,demo,v2")).split(",")
     tasks = [t for t in args.tasks.split(",") if t]
     precisions = args.precisions.split(",")
     memory = args.memory

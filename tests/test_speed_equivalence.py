@@ -119,3 +119,60 @@ def test_attention_is_sdpa_on_the_right_layout():
 
 
 # (PyTorch's fused AdamW against its for-loop one, a check of PyTorch alone: benchmarks/check_fused_adamw.py)
+
+
+def test_class_dice_equals_monai_dice_metric():
+    """The confusion-matrix Dice == MONAI's DiceMetric on one-hot maps, NaN for a class absent from the label."""
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    from medmim.train.tasks import class_dice
+
+    rng = np.random.default_rng(0)
+    label = torch.from_numpy(rng.integers(0, 4, (1, 20, 18, 16)))  # classes 0..3; class 4 absent
+    pred = label.clone()
+    pred[0, :5] = torch.from_numpy(rng.integers(0, 5, (5, 18, 16)))  # some errors, some class-4 false positives
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    metric(one_hot(pred[:, None], 5), one_hot(label[:, None], 5))
+    ref = metric.aggregate().numpy()[0]
+    got = class_dice(pred, label.to(torch.uint8), 5)
+    assert np.isnan(ref[3]) and np.isnan(got[3])
+    np.testing.assert_allclose(got[:3], ref[:3], rtol=1e-6)
+
+
+def test_validation_equals_the_plain_monai_path_and_repeats_itself(tmp_path):
+    """SegmentationTask.validate (volumes kept in memory, window weights computed once, confusion-matrix Dice)
+    == MONAI's sliding window (its own weights) + DiceMetric on one-hot maps, at the first validation and
+    at the next (from memory)."""
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    from medmim.config import load_config
+    from medmim.data.prepare import PrepareSettings, prepare_dataset
+    from medmim.data.selection import finetune_cases, resolve_caches
+    from medmim.train.tasks import task_for
+    from tests.conftest import write_msd
+
+    root = write_msd(tmp_path / "ds", n_labeled=4, n_unlabeled=0, shape=(40, 36, 24))
+    prepare_dataset(root, tmp_path / "cache", PrepareSettings(spacing=(1.5, 1.5, 2.0)))
+    cfg = load_config("unetr-tiny", [f"data.path={tmp_path / 'cache'}", "model.num_classes=4", "train.sw_overlap=0.5"])
+    cases = finetune_cases(resolve_caches(cfg.data, log=lambda s: None), 0, 1.0, 0)
+    task = task_for(cfg, cases, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = task.build_model(log=lambda s: None).eval()
+    with torch.no_grad():
+        rows = [task.validate(model), task.validate(model)]
+        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        for case in cases.val:
+            x = torch.from_numpy(np.asarray(case.image(), dtype=np.float32))[None]
+            y = torch.from_numpy(np.asarray(case.label(), dtype=np.int64))[None, None]
+            logits = sliding_window_inference(x, cfg.model.img_size, cfg.train.sw_batch_size, model,
+                                              overlap=0.5, mode="gaussian")
+            metric(one_hot(logits.argmax(1, keepdim=True), 4), one_hot(y, 4))
+    per_class = np.nanmean(metric.aggregate().numpy(), axis=0)
+    assert len(task._val_volumes) == len(cases.val) >= 1  # kept for the next validation
+    for row in rows:
+        assert row["val_dice"] == pytest.approx(float(np.nanmean(per_class)), rel=1e-6)
+        for c in range(1, 4):
+            assert row[f"dice_{c}"] == pytest.approx(float(per_class[c - 1]), rel=1e-6, nan_ok=True)

@@ -82,6 +82,7 @@ class Predictor:
             warnings.warn("bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) runs slower than fp32 here; "
                           "use --precision fp32", stacklevel=2)
         self.settings = PrepareSettings.from_config(cfg.data)
+        self._window_weights: torch.Tensor | None = None
         self.lateral_pairs = lateral_pairs or []
 
     @classmethod
@@ -109,10 +110,16 @@ class Predictor:
             x = x.to(self.device)  # one copy of the volume, instead of one per window
         roi = tuple(self.cfg.model.img_size)
 
+        if self._window_weights is None:  # the Gaussian window weights, once for every case and mirror
+            from monai.data.utils import compute_importance_map
+
+            self._window_weights = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=self.device)
+
         def run(inp: torch.Tensor) -> torch.Tensor:
             with self._autocast():
                 logits = sliding_window_inference(inp, roi, self.opt.sw_batch_size, self.model, overlap=self.opt.overlap,
-                                                  mode="gaussian", sw_device=self.device, device=self.stitch_device)
+                                                  mode="gaussian", sw_device=self.device, device=self.stitch_device,
+                                                  roi_weight_map=self._window_weights)
             return _softmax_(logits.float())[0]
 
         probs = run(x)

@@ -451,11 +451,12 @@ class Trainer:
             return
         if self.env.main:
             self.model.eval()
+            t0 = time.perf_counter()
             try:
                 row = self.task.validate(self.model)
             finally:
                 self.model.train()
-            row["step"] = self.step
+            row.update(step=self.step, val_s=round(time.perf_counter() - t0, 3))
             self.metrics.write(row)
             self.log(self.task.validation_message(self.step, row, self.best))
             score = self.task.score(row)

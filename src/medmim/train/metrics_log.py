@@ -9,7 +9,8 @@ from pathlib import Path
 from medmim.errors import MedmimError
 
 # the columns every run has; a task adds its own (e.g. per-class validation Dice)
-BASE_COLUMNS = ["step", "epoch", "time_s", "lr", "loss", "crops_per_s", "data_wait_frac", "val_loss"]
+# (val_s: wall seconds the validation row took)
+BASE_COLUMNS = ["step", "epoch", "time_s", "lr", "loss", "crops_per_s", "data_wait_frac", "val_loss", "val_s"]
 
 
 class MetricsLog:

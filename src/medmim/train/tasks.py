@@ -31,6 +31,22 @@ VAL_SEED = 12345
 VAL_CROPS = 16
 
 
+# held-out volumes kept in memory between validations, at most (larger sets are read again each time)
+VAL_CACHE_BYTES = 2 * 1024**3
+
+
+def class_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Dice of each class 1..K-1 of a label map ``pred`` against ``label`` (same shape, integer classes);
+    NaN where ``label`` has none of the class (MONAI's ``ignore_empty=True``). One pass over the voxels:
+    the confusion matrix, not K one-hot volumes."""
+    k = num_classes
+    cm = torch.bincount((label.reshape(-1).long() * k + pred.reshape(-1).long()), minlength=k * k)
+    cm = cm.reshape(k, k).double().cpu()  # [true, predicted]
+    inter, true, predicted = cm.diagonal(), cm.sum(1), cm.sum(0)
+    dice = torch.where(true > 0, 2 * inter / (true + predicted), torch.full_like(inter, float("nan")))
+    return dice[1:].numpy()
+
+
 def segmentation_loss() -> nn.Module:
     """The fine-tuning loss: Dice + cross-entropy on softmax outputs against integer labels (the paper's)."""
     from monai.losses import DiceCELoss
@@ -202,6 +218,9 @@ class SegmentationTask(Task):
         super().__init__(*a, **kw)
         self.loss_fn = segmentation_loss()
         self.transfer = None  # the report of loading model.pretrained, once built
+        self._window_weights: torch.Tensor | None = None  # sliding-window Gaussian, computed at the first validation
+        self._val_volumes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # case folder -> (image, label)
+        self._val_bytes = 0
 
     def describe(self) -> str:
         return "finetune (UNETR)"
@@ -235,39 +254,59 @@ class SegmentationTask(Task):
         return self.loss_fn(logits.float(), y), (x, y, logits)
 
     def validate(self, model) -> dict:
-        """Sliding-window inference over each whole validation volume; MONAI Dice per class (background excluded)."""
+        """Sliding-window inference over each whole validation volume; per class Dice (background excluded),
+        as MONAI's ``DiceMetric(include_background=False, ignore_empty=True)``: NaN where a class is absent
+        from a case's label, then the mean over cases, then over classes.
+
+        Nothing is redone between validations: the volumes are read and checked once and kept in memory
+        (up to VAL_CACHE_BYTES), and the Gaussian window weights are computed once.
+        """
         from monai.inferers import sliding_window_inference
-        from monai.metrics import DiceMetric
-        from monai.networks.utils import one_hot
 
         t, n_cls = self.cfg.train, self.cfg.model.num_classes
-        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-        scored = 0
+        roi = tuple(self.cfg.model.img_size)
+        if self._window_weights is None:
+            from monai.data.utils import compute_importance_map
+
+            self._window_weights = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=self.device)
+        per_case = []
         for case in self.cases.val:
-            try:
-                if self.cfg.data.verify_checksums:
-                    case.verify()
-                x = torch.from_numpy(np.asarray(case.image(), dtype=np.float32))[None].to(self.device)
-                y = torch.from_numpy(np.asarray(case.label(), dtype=np.int64))[None, None].to(self.device)
-            except (MedmimError, OSError, ValueError, EOFError) as e:
-                self.warn_val(case, e)
+            volume = self._val_volume(case)
+            if volume is None:
                 continue
-            scored += 1
+            x, y = volume
             with autocast(t.precision, self.device):
-                logits = sliding_window_inference(x, self.cfg.model.img_size, t.sw_batch_size, model,
-                                                  overlap=t.sw_overlap, mode="gaussian")
-            pred = logits.float().argmax(1, keepdim=True)
-            metric(one_hot(pred, n_cls), one_hot(y, n_cls))
-        if not scored:
+                logits = sliding_window_inference(x, roi, t.sw_batch_size, model, overlap=t.sw_overlap, mode="gaussian",
+                                                  roi_weight_map=self._window_weights)
+            per_case.append(class_dice(logits.argmax(1), y, n_cls))
+        if not per_case:
             return {"val_dice": float("nan")}
-        per_case = metric.aggregate().cpu().numpy()  # [cases, classes-1], NaN where a class is absent from both
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case stays NaN
-            per_class = np.nanmean(per_case, axis=0)
+            per_class = np.nanmean(np.stack(per_case), axis=0)
             row = {"val_dice": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0}
         for c, v in enumerate(per_class, start=1):
             row[f"dice_{c}"] = float(v)
         return row
+
+    def _val_volume(self, case) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(image [1, C, X, Y, Z] float32, label [1, X, Y, Z] uint8) on the device; None if unusable (warned)."""
+        key = str(case.folder)
+        if key in self._val_volumes:
+            return self._val_volumes[key]
+        try:
+            if self.cfg.data.verify_checksums:
+                case.verify()
+            x = torch.from_numpy(np.asarray(case.image(), dtype=np.float32))[None].to(self.device)
+            y = torch.from_numpy(np.array(case.label(), dtype=np.uint8))[None].to(self.device)  # a copy, kept
+        except (MedmimError, OSError, ValueError, EOFError) as e:
+            self.warn_val(case, e)
+            return None
+        size = x.numel() * x.element_size() + y.numel()
+        if self._val_bytes + size <= VAL_CACHE_BYTES:
+            self._val_volumes[key] = (x, y)
+            self._val_bytes += size
+        return x, y
 
     def score(self, row) -> float:
         return row["val_dice"]
