@@ -175,8 +175,17 @@ def test_an_old_run_folders_config_loads_to_the_same_settings(method: str) -> No
         mask_ratio=0.75, mask_patch_size=(8, 8, 8), decoder_dim=8, decoder_depth=1, decoder_heads=2,
         loss="l2" if method == "mae" else "l1", norm_pix_loss=False)
     assert cfg.pretrain.simclr == SimCLRConfig()  # SimCLR's keys of an MAE/SimMIM run never had an effect: dropped
-    # everything else as it was written
-    assert {k: v for k, v in cfg.to_dict().items() if k != "pretrain"} == {k: v for k, v in old.items() if k != "pretrain"}
+    # everything else as it was written; settings added since then take their defaults
+    new, default = cfg.to_dict(), Config().to_dict()
+    for section, values in old.items():
+        if section == "pretrain":
+            continue
+        if not isinstance(values, dict):
+            assert new[section] == values
+            continue
+        assert {k: new[section][k] for k in values} == values
+        assert {k: v for k, v in new[section].items() if k not in values} == \
+            {k: default[section][k] for k in new[section] if k not in values}
     # the checkpoint's embedded config loads to the same
     assert config_from_dict(read_checkpoint(LEGACY / method / "model.safetensors").config) == cfg
 

@@ -110,6 +110,7 @@ class ModelConfig(_Section):
     mlp_dim: int = Field(3072, ge=8)
     pos_embed: Literal["sincos", "learnable"] = "sincos"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)  # stochastic depth of the last ViT block (0 at the first)
     qkv_bias: bool = True
     # UNETR
     num_classes: int = Field(14, ge=2)  # including background
@@ -239,6 +240,10 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     compile: bool = False
     grad_checkpoint: bool = False
+    # fine-tuning recipe: lr x layer_decay^(blocks above) per ViT layer (MAE's 0.65-0.75; None: one lr), and
+    # the ViT held still (lr 0) for the first freeze_encoder_steps steps while the decoder warms up
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    freeze_encoder_steps: int = Field(0, ge=0)
     seed: int = 0
     val_every: int = Field(100, ge=1)  # steps
     log_every: int = Field(10, ge=1)

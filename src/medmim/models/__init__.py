@@ -59,6 +59,7 @@ def build_encoder(model_cfg: "ModelConfig") -> ViT3D:
         mlp_dim=model_cfg.mlp_dim,
         pos_embed=model_cfg.pos_embed,
         dropout=model_cfg.dropout,
+        drop_path=model_cfg.drop_path,
         qkv_bias=model_cfg.qkv_bias,
     )
 

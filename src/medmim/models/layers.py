@@ -183,17 +183,28 @@ class Block(nn.Module):
     weights give the same features there.
     """
 
-    def __init__(self, *, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, dropout: float = 0.0):
+    def __init__(self, *, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, dropout: float = 0.0,
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim=dim, hidden_dim=mlp_dim, dropout=dropout)
+        self.drop_path = drop_path  # stochastic depth: chance of skipping each residual branch, per sample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, L, E] -> [N, L, E]"""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): in training, zero a residual branch ``x: [N, ...]`` for a random
+    share ``p`` of the samples and scale the others by 1 / (1 - p); the identity in evaluation or at p = 0."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -17,6 +17,7 @@ sits at full resolution), patch 32 makes it x4.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,15 @@ def unetr_last_upsample(patch_size: Sequence[int]) -> tuple[int, int, int]:
             f"UNETR needs each axis of patch_size to be a multiple of 8 (three x2 decoder stages then one of "
             f"patch/8), got {list(patch_size)}")
     return tuple(p // 8 for p in patch_size)  # type: ignore[return-value]
+
+
+def unetr_layer_id(name: str, num_layers: int) -> int:
+    """The depth of a UNETR parameter for layer-wise learning-rate decay: 0 for the ViT's patch and position
+    embeddings, i + 1 for ViT block i, num_layers + 1 for the rest (the ViT's last norm, decoder and head)."""
+    if name.startswith(("vit.patch_embed.", "vit.pos_embed")):
+        return 0
+    m = re.match(r"vit\.blocks\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else num_layers + 1
 
 
 def _train_channels_last(conv: nn.Module, x: torch.Tensor) -> bool:

@@ -50,6 +50,7 @@ class ViT3D(nn.Module):
         mlp_dim: hidden width of each block's MLP.
         pos_embed: ``"sincos"`` (fixed, a buffer) or ``"learnable"`` (a parameter, trunc-normal std 0.02).
         dropout: dropout after the position embedding, on attention weights, and in the MLP.
+        drop_path: stochastic depth of the last block (rising linearly from 0 at the first); off in evaluation.
         qkv_bias: bias in the fused qkv projection.
 
     Input ``x: [N, C, D, H, W]`` float; output tokens ``[N, L, E]`` (``L`` = tokens of the grid, or the
@@ -69,6 +70,7 @@ class ViT3D(nn.Module):
         pos_embed: Literal["sincos", "learnable"] = "sincos",
         dropout: float = 0.0,
         qkv_bias: bool = True,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         if in_channels < 1:
@@ -91,9 +93,14 @@ class ViT3D(nn.Module):
         else:
             self.pos_embed = nn.Parameter(torch.zeros_like(table))
         self.pos_drop = nn.Dropout(dropout)
+        if not 0.0 <= drop_path < 1.0:
+            raise MedmimError(f"drop_path must be in [0, 1), got {drop_path}")
+        # stochastic depth rising linearly from 0 at the first block to drop_path at the last (as in timm)
+        rates = [drop_path * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.blocks = nn.ModuleList(
-            Block(dim=hidden_size, num_heads=num_heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, dropout=dropout)
-            for _ in range(num_layers)
+            Block(dim=hidden_size, num_heads=num_heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, dropout=dropout,
+                  drop_path=rate)
+            for rate in rates
         )
         self.norm = nn.LayerNorm(hidden_size)
 

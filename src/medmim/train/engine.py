@@ -50,8 +50,8 @@ from medmim.train.env import setup_env, unwrap
 from medmim.train.guard import (BadCases, DivergenceGuard, RunLock, StopSignals, TrainingInterrupted, grad_norm,
                                 resume_command, worker_init)
 from medmim.train.metrics_log import BASE_COLUMNS, MetricsLog
-from medmim.train.step import accumulate_gradients, make_optimizer
-from medmim.train.schedule import effective_lr, warmup_cosine
+from medmim.train.step import accumulate_gradients, make_optimizer, make_scheduler
+from medmim.train.schedule import effective_lr
 from medmim.train.tasks import task_for
 
 
@@ -106,9 +106,8 @@ class Trainer:
             self.total_steps = t.epochs * self.steps_per_epoch
         else:
             raise MedmimError("set train.max_steps or train.epochs to bound the run")
-        self.optimizer = make_optimizer(self.model, cfg, self.peak_lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, self.total_steps, t.warmup_steps, 1.0, t.min_lr / self.peak_lr))
+        self.optimizer = make_optimizer(self.model, cfg, self.peak_lr, self.task.lr_scale())
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps, self.peak_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16" and self.env.device.type == "cuda")
         self.step, self.best = 0, -math.inf
         self.window = _new_window()  # sums over the steps since the last log row
@@ -269,7 +268,7 @@ class Trainer:
                 self.guard.good()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                lr_used = self.optimizer.param_groups[0]["lr"]  # the lr of this step, logged with it
+                lr_used = max(g["lr"] for g in self.optimizer.param_groups)  # this step's (full) lr, logged
                 self.scheduler.step()
                 self.step += 1
                 if env.device.type == "cuda":

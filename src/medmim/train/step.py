@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -15,27 +16,58 @@ from torch import nn
 
 from medmim.config import Config
 from medmim.runtime import autocast
+from medmim.train.schedule import warmup_cosine
 from medmim.train.tasks import Task, task_for
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and mask tokens (as in MAE)."""
-    decay, no_decay = [], []
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 lr_scale: Callable[[str], tuple[float, bool]] | None = None) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and mask tokens (as in MAE).
+
+    ``lr_scale(name) -> (factor, is_encoder)`` (a task's fine-tuning recipe) splits the groups further: each
+    gets ``lr * factor`` and says whether it is the encoder's (held still while the decoder warms up).
+    """
+    if lr_scale is None:
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, p)]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p)]
+        return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+                {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            factor, encoder = lr_scale(name)
+            wd = 0.0 if _no_decay(name, p) else weight_decay
+            g = groups.setdefault((factor, encoder, wd), {"params": [], "weight_decay": wd, "lr": lr * factor,
+                                                          "lr_scale": factor, "encoder": encoder})
+            g["params"].append(p)
+    return list(groups.values())
 
 
-def make_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: Config, lr: float, lr_scale=None) -> torch.optim.Optimizer:
     # fused AdamW (CPU and CUDA): one kernel over all parameters; on CPU a ViT-B/16 MAE's update takes
     # 0.27x the time of PyTorch's default for-loop AdamW (benchmarks/bench_ablations.py)
     t = cfg.train
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=tuple(t.betas), fused=True)
+    return torch.optim.AdamW(param_groups(model, t.weight_decay, lr, lr_scale), lr=lr, betas=tuple(t.betas),
+                             fused=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int, peak_lr: float):
+    """Warm-up then cosine for every group; an encoder group stays at 0 for ``train.freeze_encoder_steps``."""
+    t = cfg.train
+
+    def schedule(step: int) -> float:
+        return warmup_cosine(step, total_steps, t.warmup_steps, 1.0, t.min_lr / peak_lr)
+
+    def frozen_first(step: int) -> float:
+        return 0.0 if step < t.freeze_encoder_steps else schedule(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [frozen_first if g.get("encoder") and t.freeze_encoder_steps else schedule
+                    for g in optimizer.param_groups])
 
 
 def accumulate_gradients(task: Task, model: nn.Module, next_batch, grad_accum: int, precision: str,

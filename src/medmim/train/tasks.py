@@ -41,7 +41,7 @@ def class_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.
     the confusion matrix, not K one-hot volumes."""
     k = num_classes
     cm = torch.bincount((label.reshape(-1).long() * k + pred.reshape(-1).long()), minlength=k * k)
-    cm = cm.reshape(k, k).double().cpu()  # [true, predicted]
+    cm = cm.reshape(k, k).float().cpu()  # [true, predicted]; float32 as MONAI's one-hot sums, so the same values
     inter, true, predicted = cm.diagonal(), cm.sum(1), cm.sum(0)
     dice = torch.where(true > 0, 2 * inter / (true + predicted), torch.full_like(inter, float("nan")))
     return dice[1:].numpy()
@@ -73,6 +73,10 @@ class Task:
 
     def build_model(self, log=print) -> nn.Module:
         raise NotImplementedError
+
+    def lr_scale(self):
+        """None (one learning rate), or ``name -> (lr factor, is encoder)`` for the optimizer's groups."""
+        return None
 
     # -- data --
     def transform(self):
@@ -239,6 +243,18 @@ class SegmentationTask(Task):
         else:
             log("encoder: trained from scratch (model.pretrained not set): nothing loaded")
         return model
+
+    def lr_scale(self):
+        """MAE's fine-tuning recipe: ``train.layer_decay`` per ViT layer (the patch embedding lowest, the last
+        block next to the decoder, the decoder and head at the full rate) and the ViT's groups marked, so
+        that ``train.freeze_encoder_steps`` holds them still while the decoder warms up."""
+        from medmim.models.unetr import unetr_layer_id
+
+        t, top = self.cfg.train, self.cfg.model.num_layers + 1
+        if t.layer_decay is None and not t.freeze_encoder_steps:
+            return None
+        decay = t.layer_decay or 1.0
+        return lambda name: (decay ** (top - unetr_layer_id(name, top - 1)), name.startswith("vit."))
 
     def transform(self):
         return finetune_transform(self.cases.lateral_pairs)
