@@ -288,6 +288,7 @@ def autocast(device: torch.device, precision: str):
 
 ADAMW_FUSED_BOTH = False  # --adamw fused
 COMPILE = False  # --compile
+ORDER = "interleaved"  # --order
 
 
 def make_optimizer(model: nn.Module, side: str) -> torch.optim.Optimizer:
@@ -562,7 +563,9 @@ def build_case(task: str, cname: str, device: torch.device, precision: str, quic
 
 def run_case(impls: list[Impl], device: torch.device, warmup: int, repeats: int, memory: str,
              keep: tuple[str, ...] = ()) -> dict:
-    """Interleave the sides step by step (order alternating); count FLOPs in the first warm-up step.
+    """Interleave the sides step by step (order alternating), or with ``--order blocked`` run each side's
+    steps one after the other (each side then allocates as it would alone); count FLOPs in the first
+    warm-up step.
 
     Memory is measured in one more, untimed, step per side after the timed ones (on CPU, freeing the heap
     for an exact high-water mark makes the next step page-fault its memory in again: not in a timed step).
@@ -571,26 +574,28 @@ def run_case(impls: list[Impl], device: torch.device, warmup: int, repeats: int,
     probe = MemoryProbe(device, memory)
     times: dict[str, list[float]] = {i.name: [] for i in impls}
     outputs: dict[str, Any] = {}
-    for it in range(warmup + repeats):
-        order = impls if it % 2 == 0 else impls[::-1]
-        for impl in order:
-            impl.prepare()
-            if it == 0 and impl.flops is None:
-                impl.flops = count_flops(impl.run)  # the first warm-up step, counted (untimed)
-                continue
-            if it < warmup and impl.warm is not None:
-                impl.warm()
-                continue
-            sync(device)
-            t0 = time.perf_counter()
-            out = impl.run()
-            sync(device)
-            dt = time.perf_counter() - t0
-            if impl.name in keep and it == warmup + repeats - 1:
-                outputs[impl.name] = out
-            del out
-            if it >= warmup:
-                times[impl.name].append(dt)
+    if ORDER == "blocked":
+        schedule = [(it, impl) for impl in impls for it in range(warmup + repeats)]
+    else:
+        schedule = [(it, impl) for it in range(warmup + repeats) for impl in (impls if it % 2 == 0 else impls[::-1])]
+    for it, impl in schedule:
+        impl.prepare()
+        if it == 0 and impl.flops is None:
+            impl.flops = count_flops(impl.run)  # the first warm-up step, counted (untimed)
+            continue
+        if it < warmup and impl.warm is not None:
+            impl.warm()
+            continue
+        sync(device)
+        t0 = time.perf_counter()
+        out = impl.run()
+        sync(device)
+        dt = time.perf_counter() - t0
+        if impl.name in keep and it == warmup + repeats - 1:
+            outputs[impl.name] = out
+        del out
+        if it >= warmup:
+            times[impl.name].append(dt)
     mem: dict[str, float | None] = {}
     for impl in impls:
         if memory in ("none", "subprocess") or impl.name == "monai-same":
@@ -699,6 +704,8 @@ def render(r: dict) -> str:
         + ("the fused implementation on both sides." if r.get("adamw") == "fused" else
            "medmim's engine uses the fused one; MONAI's networks get PyTorch's default AdamW (no MONAI optimizer).")
         + (" Training steps run through torch.compile on both sides." if r.get("compile") else "")
+        + (" Order: each side's steps one after the other (blocked), not alternating."
+           if r.get("order") == "blocked" else "")
         + " Crops per training step: " + ", ".join(f"{k} {v['batch']}" for k, v in r["configs"].items()) + ".",
         "",
         "| task | config | prec | medmim s | MONAI s | ratio | runs | medmim GFLOP | MONAI GFLOP | medmim MFU | "
@@ -765,6 +772,9 @@ def main() -> None:
     ap.add_argument("--adamw", choices=("defaults", "fused"), default="defaults",
                     help="defaults: medmim's engine (fused AdamW) vs PyTorch's default AdamW for MONAI's networks; "
                          "fused: the fused AdamW for both sides (the networks alone compared)")
+    ap.add_argument("--order", choices=("interleaved", "blocked"), default="interleaved",
+                    help="interleaved: the sides' steps alternate (load drift cancels in the ratios); blocked: each "
+                         "side's steps run one after the other, so each allocates memory as it would alone")
     ap.add_argument("--compile", action="store_true", help="torch.compile each training step's forward + loss, "
                     "for both sides (the first, compiling, steps fall in the warm-up)")
     ap.add_argument("--batch", type=int, default=None,
@@ -779,8 +789,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    global ADAMW_FUSED_BOTH, COMPILE
+    global ADAMW_FUSED_BOTH, COMPILE, ORDER
     ADAMW_FUSED_BOTH = args.adamw == "fused"
+    ORDER = args.order
     COMPILE = args.compile
     if args.memory_probe:
         _register_cpu_sdpa_flops()
@@ -805,7 +816,7 @@ def main() -> None:
 
     r: dict[str, Any] = {
         "device": cpu_info()["model"] if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "device_type": device.type, "adamw": args.adamw, "compile": args.compile, "cpu": cpu_info(), "threads": torch.get_num_threads(), "quick": args.quick,
+        "device_type": device.type, "adamw": args.adamw, "order": args.order, "compile": args.compile, "cpu": cpu_info(), "threads": torch.get_num_threads(), "quick": args.quick,
         "memory_method": memory,
         "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__,
                      "python": platform.python_version()},

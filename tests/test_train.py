@@ -169,3 +169,20 @@ def test_torchrun_runs_the_cli_with_rank0_writing(cache: Path, tmp_path: Path) -
         assert float(x["lr"]) == pytest.approx(warmup_cosine(int(x["step"]) - 1, 3, t.warmup_steps, peak, t.min_lr),
                                                rel=1e-6)
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_kept_checkpoints_hold_the_state_of_their_step(cache: Path, tmp_path: Path, capsys) -> None:
+    """train.keep_checkpoints: the state at those steps stays (e.g. to check the pretext task along a pretraining)."""
+    from medmim.eval.recon import load_mim_model
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "mae-tiny", f"data.path={cache}", f"run.dir={run}", "train.max_steps=4",
+                 "train.keep_checkpoints=[1,3]"] + FAST) == 0, capsys.readouterr().err
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
+    assert kept == ["step_000001.pt", "step_000003.pt"]
+    states = [torch.load(run / "checkpoints" / k, weights_only=True) for k in kept]
+    assert [s["step"] for s in states] == [1, 3]
+    w = "encoder.blocks.0.attn.qkv.weight"
+    assert not torch.equal(states[0]["model"][w], states[1]["model"][w])  # trained in between
+    model, cfg, _ = load_mim_model(run / "checkpoints" / kept[0])  # evaluate-recon reads a kept one
+    assert torch.equal(model.state_dict()[w], states[0]["model"][w])

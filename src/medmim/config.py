@@ -249,6 +249,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     preview_every: int = Field(200, ge=1)
     ckpt_every: int = Field(200, ge=1)
+    keep_checkpoints: list[int] = Field(default_factory=list)  # steps whose state stays as checkpoints/step_N.pt
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)  # sliding-window overlap at validation
     sw_batch_size: int = Field(4, ge=1)
     # a step whose loss or gradients are NaN/Inf is not applied (no optimizer step, scheduler and step

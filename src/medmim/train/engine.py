@@ -315,6 +315,8 @@ class Trainer:
             self._validate()
         if self.step % t.ckpt_every == 0:
             self._checkpoint("last.pt")
+        if self.step in t.keep_checkpoints:  # e.g. the pretext check at several points of a pretraining
+            self._checkpoint(f"step_{self.step:06d}.pt")
 
     # -- faults --
     def _next_batch(self, data_iter) -> dict:
