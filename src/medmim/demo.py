@@ -20,17 +20,14 @@ from medmim.study import (CONVERGED_REL_CHANGE, SPEEDUP_LEVEL, Speedup, StudyRes
 
 def _recon_preview(pre_dir: Path, cache: Path, val_ids: list[str], out: Path) -> Path | None:
     """Reconstruct a held-out crop with a pretrained MAE/SimMIM and save the 4-panel preview."""
-    from medmim.config import config_from_dict
     from medmim.data.sampling import CropSampler, open_cache
-    from medmim.models import build_pretrainer
+    from medmim.models.rebuild import config_of, model_from
     from medmim.models.transfer import read_checkpoint
     from medmim.preview import save_mim_preview
 
     ckpt = read_checkpoint(pre_dir / "model.safetensors")
-    cfg = config_from_dict(ckpt.config)
-    model = build_pretrainer(cfg)
-    model.load_state_dict(ckpt.state)
-    model.eval()
+    cfg = config_of(ckpt)
+    model = model_from(ckpt, cfg)
     c = open_cache(cache)
     cases = [c.case(i) for i in val_ids] or [c.case(c.case_ids()[0])]
     item = next(iter(CropSampler(cases, cfg.data.roi_size, 1, pos_fraction=1.0, seed=7, epochs=1, use_labels=True)))
