@@ -297,12 +297,11 @@ def evaluate_recon(checkpoint: Path, data_paths: tuple[Path, ...], out: Path, cr
 def export(checkpoint: Path, fmt: str, out: Path) -> None:
     """Write a checkpoint's weights for use elsewhere."""
     import torch
-    from medmim.fileio import atomic_write
 
+    from medmim.fileio import atomic_write
     from medmim.models.transfer import encoder_to_monai_vit, read_checkpoint, save_weights
 
     ckpt = read_checkpoint(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         save_weights(out, ckpt.state, config=ckpt.config, data=ckpt.data)
         click.echo(f"wrote {len(ckpt.state)} tensors and the config to {out}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from medmim.errors import MedmimError
-from medmim.fileio import atomic_write
+from medmim.fileio import atomic_write, atomic_write_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -247,22 +247,12 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     path.parent.mkdir(parents=True, exist_ok=True)
-    gz = compress if compress is not None else path.name.endswith(".gz")
-    # nibabel compresses by the file name's suffix: the temporary name carries the wanted one
-    suffix = ".nii.gz" if gz else ".nii"
-
-    def save(tmp: Path) -> None:
-        if tmp.name.endswith(suffix):
-            nib.save(img, tmp)
-            return
-        staged = tmp.with_name(tmp.name + suffix)
-        try:
-            nib.save(img, staged)
-            os.replace(staged, tmp)
-        finally:
-            staged.unlink(missing_ok=True)
-
-    atomic_write(path, save)
+    named_gz = path.name.endswith(".gz")
+    if compress is None or compress == named_gz:
+        atomic_write(path, lambda tmp: nib.save(img, tmp))  # the temporary name keeps the suffix nibabel reads
+    else:  # a compression other than the name says: the bytes themselves
+        data = img.to_bytes()
+        atomic_write_bytes(path, gzip.compress(data) if compress else data)
     return path
 
 

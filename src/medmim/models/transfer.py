@@ -181,12 +181,11 @@ def save_weights(path: str | os.PathLike, weights: nn.Module | Mapping[str, Tens
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
-def load_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
-    """Read a safetensors file -> (state dict on CPU, config dict from the metadata or None)."""
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(state dict on CPU with today's key names, the metadata) of a safetensors file; errors name the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise MedmimError(f"{path}: weights file not found")
     try:
@@ -195,13 +194,23 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | Non
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise MedmimError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e})")
-    config = None
-    if "config" in metadata:
-        try:
-            config = json.loads(metadata["config"])
-        except json.JSONDecodeError:
-            raise MedmimError(f"{path}: the config stored in the safetensors metadata is not valid JSON")
-    return upgrade_legacy_state(state), config
+    return upgrade_legacy_state(state), metadata
+
+
+def _metadata_json(path: Path, metadata: dict[str, str], key: str, what: str) -> dict | None:
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise MedmimError(f"{path}: the {what} stored in the safetensors metadata is not valid JSON")
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
+    """Read a safetensors file -> (state dict on CPU, config dict from the metadata or None)."""
+    path = Path(path)
+    state, metadata = _read_safetensors(path)
+    return state, _metadata_json(path, metadata, "config", "config")
 
 
 def upgrade_legacy_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -216,17 +225,6 @@ def upgrade_legacy_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 _STATE_KEYS = ("model", "state_dict", "model_state", "module", "weights")
 
 
-def _stored_data(path: Path) -> dict | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("data")
-    try:
-        return json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        raise MedmimError(f"{path}: the data record stored in the safetensors metadata is not valid JSON")
-
-
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read weights from ``.safetensors`` or a ``torch.save`` file (loaded with ``weights_only=True``).
 
@@ -237,8 +235,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_file():
         raise MedmimError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
-        state, config = load_weights(path)
-        return Checkpoint(state=state, config=config, source=str(path), data=_stored_data(path))
+        state, metadata = _read_safetensors(path)
+        return Checkpoint(state=state, config=_metadata_json(path, metadata, "config", "config"), source=str(path),
+                          data=_metadata_json(path, metadata, "data", "data record"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a plain-weights file
