@@ -52,7 +52,8 @@ class Cell:
 
 
 def expand_cells(spec: Spec) -> list[Cell]:
-    """Every combination of axis values (in the order of the axes), each with every seed."""
+    """Every combination of axis values (in the order of the axes) that the spec does not exclude, each with every
+    seed."""
     cells = []
     for combo in itertools.product(*[axis.values for axis in spec.axes]):
         pre: list[str] | None = []
@@ -66,6 +67,8 @@ def expand_cells(spec: Spec) -> list[Cell]:
             if pre is not None:
                 pre += v.both
         values = {axis.name: v.label for axis, v in zip(spec.axes, combo)}
+        if spec.excluded(values):
+            continue
         for seed in spec.seeds:
             cells.append(Cell(dict(values), seed, None if pre is None else list(pre), list(fine)))
     return cells

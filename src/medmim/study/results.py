@@ -130,9 +130,9 @@ def score_cells(spec: Spec, runs: list[CellRun]) -> list[CellResult]:
         speedups: dict[str, Speedup] = {}
         paired, delta = False, None
         for which, ref in spec.references.items():
-            if matches(r.values, ref):
-                continue
             want = partner_values(r.values, ref)
+            if matches(r.values, ref) or spec.excluded(want):  # it is the reference, or the spec runs no partner
+                continue
             b = next((q for q in runs if q.seed == r.seed and q.values == want), None)
             speedups[which] = speedup(b.curve, r.curve) if b else Speedup(None, "no partner run")
             if which == "baseline" and b:  # same seed: same labeled subset, same decoder initialisation

@@ -106,6 +106,9 @@ class Spec(_Part):
     axes: Annotated[list[Axis], BeforeValidator(lambda v: [] if v is None else v)]
     baseline: Annotated[dict[str, Label], BeforeValidator(_or_empty)] = Field(default_factory=dict)  # speed-ups against
     contrastive: Annotated[dict[str, Label], BeforeValidator(_or_empty)] = Field(default_factory=dict)  # and this
+    # combinations of the grid that are not run: each a partial mapping axis -> label ({labels: "1", method: simclr})
+    exclude: Annotated[list[dict[str, Label]], BeforeValidator(lambda v: [] if v is None else v)] = Field(
+        default_factory=list)
     evaluate: bool = True  # score each cell's held-out cases in their original geometry
     share_pretraining: bool = False  # one pretraining run per setting, shared by every fine-tuning seed
     _source: str = PrivateAttr("")
@@ -120,9 +123,15 @@ class Spec(_Part):
         """The runs speed-ups are measured against, by role ("baseline", "contrastive"), where the spec names them."""
         return {which: ref for which, ref in (("baseline", self.baseline), ("contrastive", self.contrastive)) if ref}
 
+    def excluded(self, values: dict[str, str]) -> bool:
+        """Whether a combination of axis values is one of those the spec does not run."""
+        return any(all(values.get(k) == v for k, v in ex.items()) for ex in self.exclude)
+
     @model_validator(mode="after")
     def _references_are_axis_values(self) -> Spec:
-        for which, ref in self.references.items():
+        named = [(which, ref) for which, ref in self.references.items()]
+        named += [(f"exclude[{n}]", ex) for n, ex in enumerate(self.exclude)]
+        for which, ref in named:
             for axis, label in ref.items():
                 if label not in {v.label for a in self.axes if a.name == axis for v in a.values}:
                     raise ValueError(f"{which} names {axis}={label}, which is not a value of an axis")
