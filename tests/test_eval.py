@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from medmim.cli import main
 from medmim.config import load_config
 from medmim.data.io import read_image, write_nifti
 from medmim.data.prepare import PrepareSettings, prepare_dataset
+from medmim.errors import MedmimError
 from medmim.eval.evaluate import evaluate
 from medmim.eval.inference import PredictOptions, Predictor, largest_component_per_class
 from medmim.eval.metrics import score_case
@@ -181,3 +183,84 @@ def test_export_to_monai_from_the_command_line(trained, tmp_path: Path, capsys) 
         torch.testing.assert_close(vit(x)[0], ours.vit(x), rtol=1e-4, atol=1e-5)
     assert main(["export", "-c", str(ckpt), "--format", "safetensors", "-o", str(tmp_path / "w.safetensors")]) == 0
     assert read_checkpoint(tmp_path / "w.safetensors").config["task"] == "finetune"
+
+
+def test_vit_features_averaged_feeds_the_decoder_token_means_and_leaves_no_trace() -> None:
+    from medmim.models import build_unetr
+    from medmim.models.unetr import vit_features_averaged
+
+    torch.manual_seed(0)
+    model = build_unetr(load_config("unetr-tiny").model).eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    mean = lambda t: t.mean(dim=1, keepdim=True).expand_as(t)
+    with torch.no_grad():
+        before = model(x)
+        # by hand: UNETR's forward with the ViT's final tokens and skips replaced by their mean over tokens
+        z, hidden = model.vit(x, return_hidden=True)
+        grid = [s // p for s, p in zip(x.shape[2:], model.vit.patch_size)]
+        a, b, c = model.skip_layers
+        enc = [model.encoder2(model.proj_feat(mean(hidden[a]), grid)),
+               model.encoder3(model.proj_feat(mean(hidden[b]), grid)),
+               model.encoder4(model.proj_feat(mean(hidden[c]), grid))]
+        dec = model.decoder5(model.proj_feat(mean(z), grid), enc[2])
+        dec = model.decoder2(model.decoder3(model.decoder4(dec, enc[1]), enc[0]), model.encoder1(x))
+        by_hand = model.out(dec)
+        seen = []
+        with vit_features_averaged(model):
+            probe = model.vit.register_forward_hook(lambda m, i, o: seen.append(o))  # runs after the averaging
+            averaged = model(x)
+            probe.remove()
+        after = model(x)
+    (z_seen, hidden_seen), = seen
+    for t in [z_seen, *hidden_seen]:  # what the decoder got: one vector per sample, the same at every token
+        assert t.shape == z.shape and torch.equal(t, t[:, :1].expand_as(t))
+    torch.testing.assert_close(z_seen[:, 0], z.mean(1))
+    assert not torch.allclose(averaged, before, atol=1e-4)  # the ViT's spatial information mattered
+    torch.testing.assert_close(averaged, by_hand)
+    assert torch.equal(after, before) and not model.vit._forward_hooks  # no trace once the context exits
+    with pytest.raises(RuntimeError, match="boom"), vit_features_averaged(model):
+        raise RuntimeError("boom")
+    assert not model.vit._forward_hooks  # removed on an exception too
+    with pytest.raises(MedmimError, match="vit"), vit_features_averaged(torch.nn.Linear(2, 2)):
+        pass
+
+
+def test_vit_reliance_scores_the_averaged_predictions_beside_the_real_ones(trained, tmp_path: Path, capsys) -> None:
+    root, run = trained
+    ckpt = str(run / "checkpoints" / "last.pt")
+    quiet = dict(n_overlays=0, log=lambda s: None)
+    plain = evaluate(root, tmp_path / "plain", checkpoint=ckpt, **quiet)
+    averaged = evaluate(root, tmp_path / "mean", checkpoint=ckpt, vit_features="mean", **quiet)
+    assert "the ViT's features averaged" in (tmp_path / "mean" / "metrics.md").read_text(encoding="utf-8")
+    code = main(["evaluate", "-c", ckpt, "--data", str(root), "--out", str(tmp_path / "rel"), "--vit-reliance"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    rel = json.loads((tmp_path / "rel" / "reliance.json").read_text(encoding="utf-8"))
+    assert rel["mean_dice"] == plain.mean_dice() is not None  # the as-is evaluation, unchanged
+    assert rel["mean_dice_vit_averaged"] == averaged.mean_dice()  # the same as --vit-features mean
+    assert rel["drop"] == rel["mean_dice"] - rel["mean_dice_vit_averaged"]
+    assert rel["per_class_vit_averaged"] == {str(c): d["mean_dice"] for c, d in averaged.per_class().items()}
+    assert f"drop {rel['drop']:.4f}" in printed.out  # the command's summary line
+    md = (tmp_path / "rel" / "metrics.md").read_text(encoding="utf-8")
+    assert md.startswith("# Evaluation of") and "ViT reliance: held-out mean Dice" in md
+    assert f"the ViT carries {rel['drop']:.4f} of it" in md
+    assert (tmp_path / "rel" / "metrics.csv").read_text(encoding="utf-8") == \
+        (tmp_path / "plain" / "metrics.csv").read_text(encoding="utf-8")  # scores the as-is predictions only
+    names = sorted(p.name for p in (tmp_path / "plain" / "predictions").iterdir())
+    assert names and sorted(p.name for p in (tmp_path / "rel" / "predictions").iterdir()) == names
+    for name in names:  # the real predictions, not the averaged ones
+        np.testing.assert_array_equal(read_image(tmp_path / "rel" / "predictions" / name).array,
+                                      read_image(tmp_path / "plain" / "predictions" / name).array)
+
+
+def test_vit_options_need_a_checkpoint(tmp_path: Path, capsys) -> None:
+    root = write_msd(tmp_path / "ds", n_labeled=1, n_unlabeled=0, shape=(20, 18, 16))
+    (tmp_path / "preds").mkdir()
+    for flags in (["--vit-reliance"], ["--vit-features", "mean"]):
+        code = main(["evaluate", "--predictions", str(tmp_path / "preds"), "--data", str(root), "--out",
+                     str(tmp_path / "ev")] + flags)
+        err = capsys.readouterr().err
+        assert code == 2 and flags[0] in err and "--checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ev").exists()  # refused before anything was written
+    with pytest.raises(MedmimError, match="--vit-features"):
+        evaluate(root, tmp_path / "ev", predictions=str(tmp_path / "preds"), vit_features="median")

@@ -274,3 +274,74 @@ def test_pretraining_reads_extra_datasets_each_with_its_own_preset(tmp_path: Pat
     bad = dict(raw, data={**raw["data"], "samples": "yes"})
     spec.write_text(yaml.safe_dump(bad), encoding="utf-8")
     assert main(["study", str(spec), "--dry-run"]) == 2
+
+
+DIAGNOSED = TINY.replace("train.max_steps=2, train.val_every=2,", 'train.max_steps=2, "train.keep_checkpoints=[1]", train.val_every=2,') + """
+diagnostics:
+  reliance: true
+  pretext: true
+  probe: {encoders: [random, mae, mae@1], seeds: [0], overrides: [train.max_steps=2]}
+"""
+
+
+def test_study_diagnostics_say_why_and_are_not_measured_twice(tmp_path: Path, capsys, monkeypatch) -> None:
+    """ViT reliance for every cell, the probe on each named encoder (a kept step included) and the pretext table
+    at each kept checkpoint land in results.json and summary.md; a second run measures none of them again."""
+    monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
+    spec = tmp_path / "diag.yaml"
+    spec.write_text(DIAGNOSED, encoding="utf-8")
+    out = tmp_path / "study"
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    capsys.readouterr()
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    diag = res["diagnostics"]
+    assert set(diag["reliance"]) == {"method-scratch_seed0", "method-mae_seed0"}
+    for cell in res["cells"]:
+        rel = diag["reliance"][cell["cell"]]
+        assert rel["mean_dice"] == cell["evaluation"]["mean_dice"]
+        assert rel["drop"] == pytest.approx(rel["mean_dice"] - rel["mean_dice_vit_averaged"])
+    probes = {p["encoder"]: p for p in diag["probe"]}
+    assert set(probes) == {"random", "mae", "mae@1"} and all(p["steps"] == 2 for p in probes.values())
+    assert probes["random"]["checkpoint"] is None
+    assert probes["mae@1"]["checkpoint"].endswith("step_000001.pt") and probes["mae"]["checkpoint"].endswith(".safetensors")
+    probe_cfg = load_config(str(out / "probe" / "mae-step1_seed0" / "config.yaml"))
+    assert probe_cfg.model.head == "probe" and probe_cfg.model.pretrained.endswith("step_000001.pt")
+    assert [p["step"] for p in diag["pretext"]] == [1, 2]  # the kept step, then the final weights
+    assert all(p["pretraining"] == "mae (mae)" and p["model_mse"] > 0 for p in diag["pretext"])
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    for title in ("### ViT reliance", "### Frozen-encoder probe", "### Pretext check"):
+        assert title in summary
+    assert "| mae@1 | 1 |" in summary and "| mae (mae) | 1 |" in summary
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "[reliance]" not in log and "[pretext]" not in log and "[probe]" not in log
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["diagnostics"] == diag
+
+
+def test_probe_encoders_must_name_a_pretraining(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(DIAGNOSED.replace("[random, mae, mae@1]", "[random, scratch]"), encoding="utf-8")
+    with pytest.raises(MedmimError, match=r"diagnostics.probe.encoders\[1\] is 'scratch'"):
+        load_spec(str(spec))
+
+
+def test_excluded_combinations_are_not_run_and_have_no_partner(tmp_path: Path) -> None:
+    from medmim.study import CellRun, score_cells
+
+    grid = TINY.replace("seeds: [0]", "seeds: [0]\nexclude: [{labels: '1', method: mae}]").replace(
+        "axes:\n", "axes:\n  - name: labels\n    values: [{label: '4'}, {label: '1'}]\n")
+    spec_file = tmp_path / "g.yaml"
+    spec_file.write_text(grid.replace("baseline: {method: scratch}", "baseline: {method: scratch}\ncontrastive: {method: mae}"),
+                         encoding="utf-8")
+    spec = load_spec(str(spec_file))
+    cells = expand_cells(spec)
+    assert [c.values for c in cells] == [{"labels": "4", "method": "scratch"}, {"labels": "4", "method": "mae"},
+                                         {"labels": "1", "method": "scratch"}]
+    runs = [CellRun(cell=c.slug, group=c.group, values=c.values, seed=0, pretrained=None, run_dir="", wall_s=1.0,
+                    curve=[(1, 0.1), (2, 0.2)]) for c in cells]
+    scored = score_cells(spec, runs)
+    assert "contrastive" in scored[0].speedup_vs and "contrastive" not in scored[2].speedup_vs
+    bad = tmp_path / "b.yaml"
+    bad.write_text(grid.replace("method: mae}]", "method: nope}]"), encoding="utf-8")
+    with pytest.raises(MedmimError, match=r"exclude\[0\] names method=nope"):
+        load_spec(str(bad))

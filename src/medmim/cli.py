@@ -242,21 +242,34 @@ def predict(checkpoint: Path, out: Path, inputs: tuple[str, ...], **kw) -> None:
 @click.option("--data", "-d", required=True, type=click.Path(path_type=Path), help="The labeled dataset.")
 @click.option("--split", type=click.Choice(["val", "all"]), default="val", show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--vit-reliance", is_flag=True,
+              help="Also predict each case with the ViT's features averaged over each window's tokens; report "
+                   "the Dice drop (how much the ViT carries) in reliance.json and metrics.md.")
+@click.option("--vit-features", type=click.Choice(["as-is", "mean"]), default="as-is", show_default=True,
+              help="mean: replace every feature UNETR takes from its ViT by its mean over the window's tokens.")
 @_predict_options
-def evaluate_cmd(checkpoint, predictions, data, split, out, **kw) -> None:
+def evaluate_cmd(checkpoint, predictions, data, split, out, vit_reliance, vit_features, **kw) -> None:
     """Dice and HD95 (mm) per case and class, in the original geometry; writes metrics.csv, metrics.md
-    and overlay PNGs to OUT.
+    and overlay PNGs to OUT (with --vit-reliance also reliance.json).
     """
     from medmim.eval.evaluate import evaluate
 
     ev = evaluate(data, out, checkpoint=str(checkpoint) if checkpoint else None,
                   predictions=str(predictions) if predictions else None, split=split, options=_options(**kw),
-                  log=click.echo)
+                  log=click.echo, vit_features=vit_features, vit_reliance=vit_reliance)
     md = ev.mean_dice()
     hd = ev.mean_hd95()
     click.echo(f"mean Dice {md:.4f}" if md is not None else "mean Dice: no class scored", nl=False)
     click.echo(f", mean HD95 {hd:.2f} mm" if hd is not None else "")
-    click.echo(f"wrote {out / 'metrics.csv'} and {out / 'metrics.md'}")
+    if vit_reliance:
+        from medmim.fileio import read_json
+
+        rel = read_json(out / "reliance.json")
+        fmt = lambda v: "—" if v is None else f"{v:.4f}"
+        click.echo(f"ViT reliance: mean Dice {fmt(rel['mean_dice'])} as-is, {fmt(rel['mean_dice_vit_averaged'])} "
+                   f"with the ViT's features averaged over each window's tokens (drop {fmt(rel['drop'])})")
+    wrote = [out / "metrics.csv", out / "metrics.md"] + ([out / "reliance.json"] if vit_reliance else [])
+    click.echo(f"wrote {', '.join(map(str, wrote[:-1]))} and {wrote[-1]}")
 
 
 @cli.command("evaluate-recon")

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_text
@@ -112,9 +111,10 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)  # stochastic depth of the last ViT block (0 at the first)
     qkv_bias: bool = True
-    # UNETR
+    # the segmenter: UNETR, or probe (a linear head on the frozen ViT's tokens, upsampled: the representation test)
+    head: Literal["unetr", "probe"] = "unetr"
     num_classes: int = Field(14, ge=2)  # including background
-    feature_size: int = Field(16, ge=1)
+    feature_size: int = Field(16, ge=1)  # UNETR
     pretrained: str | None = None  # checkpoint to initialise the encoder from (fine-tuning)
     partial_load: bool = False  # allow an encoder that loads only in part (reported either way)
 
@@ -249,7 +249,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     preview_every: int = Field(200, ge=1)
     ckpt_every: int = Field(200, ge=1)
-    keep_checkpoints: list[int] = Field(default_factory=list)  # steps whose state stays as checkpoints/step_N.pt
+    keep_checkpoints: list[int] = Field(default_factory=list)  # steps whose state stays as checkpoints/step_NNNNNN.pt
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)  # sliding-window overlap at validation
     sw_batch_size: int = Field(4, ge=1)
     # a step whose loss or gradients are NaN/Inf is not applied (no optimizer step, scheduler and step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from medmim.data.io import IMAGE_SUFFIXES, read_image, write_nifti
 from medmim.errors import MedmimError
 from medmim.eval.inference import PredictOptions, Predictor
 from medmim.eval.metrics import Evaluation, score_case
+from medmim.fileio import atomic_write_text
 
 
 def cases_from_inputs(inputs: list[str]) -> list[Case]:
@@ -76,20 +79,58 @@ def _overlay(path: Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, la
     save_finetune_preview(path, image, gt, pred, labels)
 
 
+VIT_FEATURES = ("as-is", "mean")
+
+
+def _reliance_section(ev: Evaluation, averaged: Evaluation, split: str) -> tuple[dict, str]:
+    """reliance.json's record and metrics.md's extra section: the mean Dice as-is and with the ViT's features
+    averaged over each window's tokens, and the drop between them (what the ViT carries)."""
+    x, y = ev.mean_dice(), averaged.mean_dice()
+    drop = x - y if x is not None and y is not None else None
+    record = {"mean_dice": x, "mean_dice_vit_averaged": y, "drop": drop,
+              "per_class_vit_averaged": {str(c): d["mean_dice"] for c, d in sorted(averaged.per_class().items())}}
+    fmt = lambda v: "—" if v is None else f"{v:.4f}"
+    where = "held-out" if split == "val" else "all-case"
+    text = ("\n## ViT reliance\n\n"
+            f"ViT reliance: {where} mean Dice {fmt(x)} as-is, {fmt(y)} with the ViT's features replaced by their "
+            f"mean over each window's tokens: the ViT carries {fmt(drop)} of it.\n\n"
+            "Per class with the ViT's features averaged: "
+            + ", ".join(f"{d['name']} {fmt(d['mean_dice'])}" for _, d in sorted(averaged.per_class().items()))
+            + " (reliance.json).\n")
+    return record, text
+
+
 def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | None = None,
              predictions: str | None = None, split: str = "val", options: PredictOptions | None = None,
-             n_overlays: int = 3, log=print) -> Evaluation:
+             n_overlays: int = 3, log=print, *, vit_features: str = "as-is", vit_reliance: bool = False) -> Evaluation:
     """Score a checkpoint (predicting each case) or a folder of predictions (``CASE.nii.gz``) against a dataset.
 
     Everything is computed in the original geometry with the true spacing. Writes ``metrics.csv``,
     ``metrics.md`` and ``overlay_CASE.png`` for the first ``n_overlays`` cases into ``out``.
+
+    ``vit_features="mean"`` (checkpoint only) predicts with every feature UNETR takes from its ViT replaced
+    by its mean over the window's tokens (:func:`~medmim.models.unetr.vit_features_averaged`): only the
+    convolutional path from the image carries spatial information. ``vit_reliance`` (checkpoint only)
+    predicts each case both ways: the returned evaluation (and ``predictions/``) is the as-is one; the
+    averaged predictions are scored too, and both mean Dice and their drop go to ``reliance.json`` and a
+    section of ``metrics.md``.
     """
+    if vit_features not in VIT_FEATURES:
+        raise MedmimError(f"--vit-features must be one of {', '.join(VIT_FEATURES)}, got {vit_features!r}")
     if (checkpoint is None) == (predictions is None):
         raise MedmimError("give either --checkpoint or --predictions")
+    if predictions is not None and (vit_reliance or vit_features != "as-is"):
+        flag = "--vit-reliance" if vit_reliance else f"--vit-features {vit_features}"
+        raise MedmimError(f"{flag} needs a model to run: give --checkpoint, not --predictions")
+    if vit_reliance and vit_features != "as-is":
+        raise MedmimError("--vit-reliance already predicts with the ViT's features both as-is and averaged; "
+                          "leave --vit-features at as-is")
     out = Path(out)
     ds = load_dataset(data)
     predictor, cfg = None, None
     if checkpoint is not None:
+        from medmim.models.unetr import vit_features_averaged
+
         predictor = Predictor.from_checkpoint(checkpoint, options)
         cfg = predictor.cfg
     if split == "all":
@@ -104,13 +145,15 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
         raise MedmimError(f"{data}: declares no labels to evaluate")
     out.mkdir(parents=True, exist_ok=True)
     ev = Evaluation()
+    averaged = Evaluation() if vit_reliance else None  # the predictions with the ViT's features averaged
     times = []
     for n, cid in enumerate(ids, 1):
         case = ds.case(cid)
         gt_img = read_image(case.label)
         t0 = time.perf_counter()
         if predictor is not None:
-            pred, _ = predictor.predict_case(case)
+            with vit_features_averaged(predictor.model) if vit_features == "mean" else contextlib.nullcontext():
+                pred, _ = predictor.predict_case(case)
             write_nifti(out / "predictions" / f"{cid}.nii.gz", pred, gt_img.affine)
         else:
             ppath = Path(predictions) / f"{cid}.nii.gz"
@@ -124,7 +167,15 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
         scores = score_case(cid, pred, gt, gt_img.spacing, labels)
         ev.scores += scores
         mean = [s.dice for s in scores if s.status != "absent"]
-        log(f"[{n}/{len(ids)}] {cid}: mean Dice {np.mean(mean) if mean else float('nan'):.4f}")
+        line = f"[{n}/{len(ids)}] {cid}: mean Dice {np.mean(mean) if mean else float('nan'):.4f}"
+        if averaged is not None:  # the same case again, the ViT's features averaged (kept out of predictions/)
+            with vit_features_averaged(predictor.model):
+                pred_avg, _ = predictor.predict_case(case)
+            scores_avg = score_case(cid, pred_avg, gt, gt_img.spacing, labels)
+            averaged.scores += scores_avg
+            mean_avg = [s.dice for s in scores_avg if s.status != "absent"]
+            line += f" ({np.mean(mean_avg) if mean_avg else float('nan'):.4f} with the ViT's features averaged)"
+        log(line)
         if n <= n_overlays:
             image = read_image(case.images[0]).array
             image = image[..., 0] if image.ndim == 4 else image
@@ -132,6 +183,15 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
     if times:
         ev.seconds = {"mean": float(np.mean(times)), "max": float(np.max(times))}
     ev.write_csv(out / "metrics.csv")
-    title = f"Evaluation of {checkpoint or predictions} on {data} ({split}, {len(ids)} cases)"
-    (out / "metrics.md").write_text(ev.markdown(title), encoding="utf-8")
+    what = f"{checkpoint} (the ViT's features averaged over each window's tokens)" if vit_features == "mean" \
+        else checkpoint or predictions
+    title = f"Evaluation of {what} on {data} ({split}, {len(ids)} cases)"
+    text = ev.markdown(title)
+    if averaged is not None:
+        record, section = _reliance_section(ev, averaged, split)
+        atomic_write_text(out / "reliance.json", json.dumps(record, indent=1) + "\n")
+        text += section
+    else:
+        (out / "reliance.json").unlink(missing_ok=True)  # an earlier --vit-reliance's, no longer what metrics.md says
+    (out / "metrics.md").write_text(text, encoding="utf-8")
     return ev

@@ -7,6 +7,7 @@ the typed config (:mod:`medmim.config`). Models know nothing of files or the CLI
     encoder = build_encoder(cfg.model)          # ViT3D
     pretrainer = build_pretrainer(cfg)          # MAE3D | SimMIM3D | SimCLR3D, per cfg.pretrain.method
     unetr = build_unetr(cfg.model)              # UNETR (weights: transfer.load_pretrained)
+    segmenter = build_segmenter(cfg.model)      # UNETR or LinearProbe, per cfg.model.head
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from medmim.models.mae import MAE3D
 from medmim.models.masking import MIMOutput, TokenMask, mask_to_image, random_masking
 from medmim.models.simclr import ContrastiveOutput, SimCLR3D
+from medmim.models.probe import LinearProbe
 from medmim.models.simmim import SimMIM3D
 from medmim.models.transfer import (
     Checkpoint,
@@ -39,11 +41,12 @@ if TYPE_CHECKING:
 PRETRAINERS = {"mae": MAE3D, "simmim": SimMIM3D, "simclr": SimCLR3D}
 
 __all__ = [
-    "MAE3D", "SimMIM3D", "SimCLR3D", "UNETR", "ViT3D",
+    "MAE3D", "SimMIM3D", "SimCLR3D", "UNETR", "LinearProbe", "ViT3D",
     "MIMOutput", "ContrastiveOutput", "TokenMask", "random_masking", "mask_to_image",
     "TransferReport", "Checkpoint", "load_encoder", "load_pretrained", "read_checkpoint", "save_weights",
     "load_weights", "encoder_to_monai_vit", "monai_to_encoder",
-    "build_encoder", "build_pretrainer", "build_unetr", "count_parameters",
+    "build_encoder", "build_pretrainer", "build_unetr", "build_segmenter",
+    "count_parameters",
 ]
 
 
@@ -80,6 +83,13 @@ def build_unetr(model_cfg: "ModelConfig") -> UNETR:
     """
     return UNETR(encoder=build_encoder(model_cfg), num_classes=model_cfg.num_classes,
                  feature_size=model_cfg.feature_size)
+
+
+def build_segmenter(model_cfg: "ModelConfig") -> UNETR | LinearProbe:
+    """The segmentation model of ``model_cfg.head``: UNETR, or the linear probe on the frozen ViT."""
+    if model_cfg.head == "probe":
+        return LinearProbe(encoder=build_encoder(model_cfg), num_classes=model_cfg.num_classes)
+    return build_unetr(model_cfg)
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:

@@ -43,9 +43,9 @@ def config_of(ckpt: Checkpoint, need: str = "") -> Config:
 def model_from(ckpt: Checkpoint, cfg: Config) -> nn.Module:
     """The model of ``cfg`` (UNETR for a fine-tuning config, else its pretrainer) with ``ckpt``'s weights
     loaded strictly, in eval mode."""
-    from medmim.models import build_pretrainer, build_unetr
+    from medmim.models import build_pretrainer, build_segmenter
 
-    model = build_unetr(cfg.model) if cfg.task == "finetune" else build_pretrainer(cfg)
+    model = build_segmenter(cfg.model) if cfg.task == "finetune" else build_pretrainer(cfg)
     state = {k.removeprefix("module."): v for k, v in ckpt.state.items()}
     try:
         model.load_state_dict(state, strict=True)

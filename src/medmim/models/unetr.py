@@ -17,6 +17,7 @@ sits at full resolution), patch 32 makes it x4.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
@@ -227,3 +228,31 @@ class UNETR(nn.Module):
         dec1 = self.decoder3(dec2, enc2)
         out = self.decoder2(dec1, enc1)
         return self.out(out)
+
+
+@contextlib.contextmanager
+def vit_features_averaged(model: nn.Module):
+    """While active, ``model.vit`` returns each of its outputs (the final tokens and every hidden state)
+    replaced by its mean over the window's tokens, so the ViT carries no spatial information to the
+    decoder and only UNETR's convolutional path from the image remains: the "ViT reliance" diagnostic
+    (``medmim evaluate --vit-reliance``). The forward hook that does it is removed on exit, exceptions too.
+    """
+    vit = getattr(model, "vit", None)
+    if not isinstance(vit, nn.Module):
+        raise MedmimError(f"{type(model).__name__} has no ViT encoder (.vit) whose features could be averaged; "
+                          f"the ViT-features diagnostic needs a UNETR")
+
+    def mean(t: torch.Tensor) -> torch.Tensor:  # [N, L, E] -> the same, each token the mean over the L tokens
+        return t.mean(dim=1, keepdim=True).expand_as(t)
+
+    def hook(module: nn.Module, args, output):
+        if isinstance(output, torch.Tensor):  # called without return_hidden
+            return mean(output)
+        z, hidden = output
+        return mean(z), [mean(h) for h in hidden]
+
+    handle = vit.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()

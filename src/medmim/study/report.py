@@ -11,7 +11,8 @@ from pathlib import Path
 from medmim.fileio import atomic_write, atomic_write_text
 from medmim.study.cells import group_name
 from medmim.study.curves import CONVERGED_REL_CHANGE, SPEEDUP_LEVEL, MeanSd
-from medmim.study.results import CellResult, GroupRow, StudyResult, matches, partner_values
+from medmim.study.diagnostics import Diagnostics, pretext_markdown, probe_markdown, reliance_markdown
+from medmim.study.results import CellResult, CellRun, GroupRow, StudyResult, matches, partner_values
 from medmim.study.spec import Spec
 
 CELL_COLUMNS = ["cell", "group", "seed", "eval_mean_dice", "eval_mean_hd95", "best_val_dice", "converged",
@@ -21,7 +22,7 @@ CELL_COLUMNS = ["cell", "group", "seed", "eval_mean_dice", "eval_mean_hd95", "be
 def write_report(out: Path, spec: Spec, result: StudyResult) -> None:
     """results.json, cells.csv, summary.md and curves.png in ``out``."""
     atomic_write_text(out / "results.json", json.dumps(result.to_json(), indent=1, default=str))
-    write_tables(out, spec, result.cells, result.groups)
+    write_tables(out, spec, result.cells, result.groups, result.diagnostics)
     plot_curves(out / "curves.png", result.cells, spec)
 
 
@@ -44,9 +45,19 @@ def cells_csv(cells: list[CellResult]) -> str:
     return buf.getvalue()
 
 
-def write_tables(out: Path, spec: Spec, cells: list[CellResult], rows: list[GroupRow]) -> None:
+def write_tables(out: Path, spec: Spec, cells: list[CellResult], rows: list[GroupRow],
+                 diagnostics: Diagnostics | None = None) -> None:
     atomic_write_text(out / "cells.csv", cells_csv(cells))
-    atomic_write_text(out / "summary.md", summary_markdown(spec, rows))
+    text = summary_markdown(spec, rows)
+    if diagnostics is not None:
+        text += diagnostics_markdown(spec, [c.run for c in cells], diagnostics)
+    atomic_write_text(out / "summary.md", text)
+
+
+def diagnostics_markdown(spec: Spec, runs: list[CellRun], diag: Diagnostics) -> str:
+    """The tables of the spec's diagnostics (ViT reliance, probe, pretext), after summary.md's own."""
+    lines = reliance_markdown(runs, diag, spec.baseline) + probe_markdown(diag) + pretext_markdown(diag)
+    return "\n".join(["", "## Diagnostics", *lines]) + "\n" if lines else ""
 
 
 def _speedup_cell(r: GroupRow, which: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from medmim.study.curves import (Convergence, Curve, MeanSd, Speedup, best, convergence, mean_sd,
                                  paired_difference, speedup)
+from medmim.study.diagnostics import Diagnostics
 from medmim.study.spec import Spec
 
 REFERENCES = ("baseline", "contrastive")  # the roles a spec may name a run for, in table order
@@ -101,6 +102,7 @@ class StudyResult:
     groups: list[GroupRow]
     cache: Path  # the prepared cache the runs read
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds of the stages run this time
+    diagnostics: Diagnostics | None = None  # what the spec's diagnostics measured
 
     def val_ids(self, fold: int = 0) -> list[str]:
         """The ids of the validation cases of ``fold`` (held out of pretraining and fine-tuning)."""
@@ -109,8 +111,11 @@ class StudyResult:
         return open_cache(self.cache).split(fold)[1]
 
     def to_json(self) -> dict:
-        return {"cells": [c.to_json() for c in self.cells], "aggregate": [g.to_json() for g in self.groups],
-                "stage_seconds": self.stage_seconds}
+        d = {"cells": [c.to_json() for c in self.cells], "aggregate": [g.to_json() for g in self.groups],
+             "stage_seconds": self.stage_seconds}
+        if self.diagnostics is not None:
+            d["diagnostics"] = self.diagnostics.to_json()
+        return d
 
 
 def matches(values: dict[str, str], fixed: dict[str, str]) -> bool:

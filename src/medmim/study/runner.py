@@ -18,6 +18,7 @@ from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_text, read_json, read_text
 from medmim.study.cells import Cell, expand_cells
 from medmim.study.curves import Curve
+from medmim.study.diagnostics import run_diagnostics
 from medmim.study.report import write_report
 from medmim.study.results import CellRun, StudyResult, aggregate, score_cells
 from medmim.study.spec import Spec
@@ -140,7 +141,8 @@ class StudyRun:
             self.stage_seconds["prepare"] = time.perf_counter() - t0
 
     # -- runs --
-    def _run(self, cfg: Config, run_dir: Path, stage: str) -> dict:
+    def run_training(self, cfg: Config, run_dir: Path, stage: str) -> dict:
+        """Train one run of the study in ``run_dir`` (skipped when finished before; resumed when interrupted)."""
         from medmim.train.engine import run_training
 
         done = run_dir / DONE
@@ -159,19 +161,23 @@ class StudyRun:
         self.stage_seconds[f"{stage} {run_dir.name}"] = summary["wall_s"]
         return summary
 
+    def pretrain_dir(self, cell: Cell) -> Path | None:
+        """The folder of the pretraining run ``cell`` starts from (shared by cells that pretrain alike)."""
+        if cell.pretrain is None:
+            return None
+        return self.out / "pretrain" / f"{self.config('pretrain', cell).pretrain.method}-{cell.pretrain_key(self.spec)}"
+
     def run_cell(self, cell: Cell) -> CellRun:
         """Pretrain (unless shared and finished), fine-tune and evaluate one cell; what it left."""
         pre_ckpt = None
-        if cell.pretrain is not None:
-            pcfg = self.config("pretrain", cell)
-            pre_dir = self.out / "pretrain" / f"{pcfg.pretrain.method}-{cell.pretrain_key(self.spec)}"
-            self._run(pcfg, pre_dir, "pretrain")
+        if (pre_dir := self.pretrain_dir(cell)) is not None:
+            self.run_training(self.config("pretrain", cell), pre_dir, "pretrain")
             pre_ckpt = pre_dir / "model.safetensors"
         fcfg = self.config("finetune", cell)
         if pre_ckpt is not None:
             fcfg.model.pretrained = str(pre_ckpt)
         cell_dir = self.out / "cells" / cell.slug
-        summary = self._run(fcfg, cell_dir, "finetune")
+        summary = self.run_training(fcfg, cell_dir, "finetune")
         evaluation = None
         ev_file = cell_dir / "evaluation.json"
         # held-out cases are scored in their original geometry, which needs the raw dataset (not only a cache)
@@ -179,18 +185,17 @@ class StudyRun:
             if ev_file.is_file():
                 evaluation = read_json(ev_file)
             else:
-                evaluation = self._evaluate(cell_dir)
+                best = cell_dir / "checkpoints" / "best.pt"
+                evaluation = self.evaluate_run(cell_dir, best if best.is_file() else cell_dir / "checkpoints" / "last.pt")
                 _write_json(ev_file, evaluation)
         return CellRun(cell=cell.slug, group=cell.group, values=cell.values, seed=cell.seed,
                        pretrained=str(pre_ckpt) if pre_ckpt else None, run_dir=str(cell_dir),
                        wall_s=summary.get("wall_s"), curve=read_curve(cell_dir), evaluation=evaluation)
 
-    def _evaluate(self, cell_dir: Path) -> dict:
+    def evaluate_run(self, cell_dir: Path, ckpt: Path) -> dict:
+        """Score a run's checkpoint on the held-out cases in their original geometry (evaluation.json's content)."""
         from medmim.eval.evaluate import evaluate
 
-        ckpt = cell_dir / "checkpoints" / "best.pt"
-        if not ckpt.is_file():
-            ckpt = cell_dir / "checkpoints" / "last.pt"
         t0 = time.perf_counter()
         ev = evaluate(self.dataset_path(), cell_dir / "evaluation", checkpoint=str(ckpt), split="val",
                       log=lambda s: self.log(f"    {s}"))
@@ -220,7 +225,8 @@ class StudyRun:
         for n, cell in enumerate(cells, 1):
             self.log(f"== cell {n}/{len(cells)}: {cell.group}, seed {cell.seed}")
             runs.append(self.run_cell(cell))
+        diagnostics = run_diagnostics(self, cells, runs)
         scored = score_cells(self.spec, runs)
-        result = StudyResult(scored, aggregate(scored), self.cache_path, dict(self.stage_seconds))
+        result = StudyResult(scored, aggregate(scored), self.cache_path, dict(self.stage_seconds), diagnostics)
         write_report(self.out, self.spec, result)
         return result

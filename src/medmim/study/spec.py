@@ -94,6 +94,24 @@ class Axis(_Part):
     values: list[AxisValue] = Field(min_length=1)
 
 
+class ProbeSpec(_Part):
+    """The frozen-encoder probe: a linear head on each named encoder's frozen tokens (``model.head=probe``)."""
+
+    # "random" (no pretraining), the label of an axis value whose cells pretrain ("mae"), or LABEL@STEP for a
+    # checkpoint that pretraining kept (train.keep_checkpoints): "mae@2500"
+    encoders: list[Label] = Field(min_length=1)
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1)
+    overrides: Overrides = Field(default_factory=list)  # of the fine-tuning config, after the spec's own
+
+
+class DiagnosticsSpec(_Part):
+    """What a study measures besides its cells, to say why they came out as they did."""
+
+    reliance: StrictBool = False  # each cell's held-out Dice with the ViT's features replaced by their mean
+    pretext: StrictBool = False  # evaluate-recon at each kept checkpoint of each MAE / SimMIM pretraining
+    probe: ProbeSpec | None = None
+
+
 class Spec(_Part):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -110,6 +128,7 @@ class Spec(_Part):
     exclude: Annotated[list[dict[str, Label]], BeforeValidator(lambda v: [] if v is None else v)] = Field(
         default_factory=list)
     evaluate: bool = True  # score each cell's held-out cases in their original geometry
+    diagnostics: DiagnosticsSpec = Field(default_factory=DiagnosticsSpec)
     share_pretraining: bool = False  # one pretraining run per setting, shared by every fine-tuning seed
     _source: str = PrivateAttr("")
 
@@ -135,6 +154,13 @@ class Spec(_Part):
             for axis, label in ref.items():
                 if label not in {v.label for a in self.axes if a.name == axis for v in a.values}:
                     raise ValueError(f"{which} names {axis}={label}, which is not a value of an axis")
+        probe = self.diagnostics.probe
+        pretrained = {v.label for a in self.axes for v in a.values if v.pretrain is not None}
+        for n, enc in enumerate(probe.encoders if probe else []):
+            label, _, step = enc.partition("@")
+            if label != "random" and label not in pretrained or step and not step.isdigit() or enc == "random@" + step:
+                raise ValueError(f"diagnostics.probe.encoders[{n}] is {enc!r}: give random, the label of a value "
+                                 f"that pretrains ({', '.join(sorted(pretrained))}) or LABEL@STEP")
         return self
 
 

@@ -227,16 +227,16 @@ class SegmentationTask(Task):
         self._val_bytes = 0
 
     def describe(self) -> str:
-        return "finetune (UNETR)"
+        return "finetune (UNETR)" if self.cfg.model.head == "unetr" else "finetune (linear probe on the frozen ViT)"
 
     def columns(self) -> list[str]:
         return ["val_dice"] + [f"dice_{c}" for c in sorted(self.cases.labels) if c != 0]
 
     def build_model(self, log=print) -> nn.Module:
-        from medmim.models import build_unetr
+        from medmim.models import build_segmenter
         from medmim.models.transfer import load_pretrained
 
-        model = build_unetr(self.cfg.model)
+        model = build_segmenter(self.cfg.model)
         if self.cfg.model.pretrained:
             self.transfer = load_pretrained(model, self.cfg.model.pretrained, partial=self.cfg.model.partial_load)
             log(self.transfer.summary())
