@@ -63,11 +63,23 @@ def dry_run_table(spec: Spec, run: StudyRun, estimate: bool = True) -> str:
                 pre += " (shared)"
         lines.append(f"- {c.group}, seed {c.seed}: pretrain {pre}; fine-tune {f.train.max_steps} steps x "
                      f"{f.data.batch_size} crops ({fs} crops){est}, roi {list(f.data.roi_size)}")
+    probe, probes = spec.diagnostics.probe, ""
+    if probe is not None:
+        cfg = load_config(spec.finetune.config, spec.finetune.overrides + probe.overrides + ["model.head=probe"]
+                          + run.quick + run.extra)
+        n = len(probe.encoders) * len(probe.seeds)
+        total["probe"] = n * (cfg.train.max_steps or 0)
+        if estimate:
+            seconds["probe"] = n * run_seconds(cfg)[0]
+        probes = f"; {n} probe run(s) of {cfg.train.max_steps} steps x {cfg.data.batch_size} crops"
+        lines.append(f"- probe (linear head on the frozen ViT): encoders {', '.join(probe.encoders)}; seeds "
+                     f"{', '.join(map(str, probe.seeds))}" + (f", ~{_fmt_minutes(seconds['probe'])} in all" if estimate else ""))
     lines += ["", f"{len(pre_seen)} pretraining run(s), {total['pretrain']} steps in all; "
-                  f"{len(cells)} fine-tuning run(s), {total['finetune']} steps in all"]
+                  f"{len(cells)} fine-tuning run(s), {total['finetune']} steps in all{probes}"]
     if estimate:
         lines += [f"estimated training time on this machine: ~{_fmt_minutes(sum(seconds.values()))} "
-                  f"(pretraining {_fmt_minutes(seconds['pretrain'])}, fine-tuning {_fmt_minutes(seconds['finetune'])}; "
+                  f"(pretraining {_fmt_minutes(seconds['pretrain'])}, fine-tuning {_fmt_minutes(seconds['finetune'])}"
+                  + (f", probes {_fmt_minutes(seconds['probe'])}" if "probe" in seconds else "") + "; "
                   "from timing 2 steps of each distinct run on synthetic crops; data preparation, validation, "
                   "evaluation and other load on the machine not included)"]
     return "\n".join(lines)
