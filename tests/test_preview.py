@@ -97,3 +97,19 @@ def test_finetune_preview_overlays_ground_truth_and_prediction(tmp_path: Path) -
     _, c = _read(save_finetune_preview(tmp_path / "right.png", x, torch.from_numpy(label), label), 3)
     for r in range(3):
         assert _same(c[r, 1], c[r, 2]) and not _same(c[r, 1], c[r, 0], tol=0.05), c[r]
+
+
+def test_segmentation_figure_puts_each_prediction_beside_the_ground_truth(tmp_path: Path) -> None:
+    """image | ground truth | scratch | MAE: the cube's organ shows in ground truth and in the prediction that
+    found it, not in the one that missed it; the legend names the organ shown."""
+    from medmim.preview import save_segmentation_figure
+
+    x = _cube()
+    label, none = (x > 0).astype(np.int64), np.zeros_like(x, dtype=np.int64)
+    path = save_segmentation_figure(tmp_path / "seg.png", x, label, {"scratch": none, "mae": label},
+                                    {0: "background", 1: "liver"}, legend=True)
+    img, c = _read(path, 4)
+    assert _same(c[0, 0], WHITE) and _same(c[0, 2], WHITE)  # the image, and a missed organ: the bare cube
+    assert not _same(c[0, 1], WHITE) and _same(c[0, 1], c[0, 3])  # ground truth and the right prediction: coloured
+    plain, _ = _read(save_segmentation_figure(tmp_path / "plain.png", x, label, {"scratch": none, "mae": label}), 4)
+    assert img.shape[0] > plain.shape[0]  # the legend's strip

@@ -58,10 +58,19 @@ def save_mim_preview(path: Path, image, mask, recon) -> Path:
 
 def save_finetune_preview(path: Path, image, label, pred, labels: dict[int, str] | None = None) -> Path:
     """image | ground truth overlay | prediction overlay. Arrays [X, Y, Z]."""
-    x, y, p = _np(image), _np(label), _np(pred)
+    return save_segmentation_figure(path, image, label, {"prediction": pred}, labels)
+
+
+def save_segmentation_figure(path: Path, image, label, predictions: dict, labels: dict[int, str] | None = None,
+                             legend: bool = False) -> Path:
+    """image | ground truth | each prediction (title -> label map), as coloured organ overlays on the same
+    orthogonal slices. Arrays [X, Y, Z]. ``legend``: a key of the organs' colours under the panels."""
+    x, y = _np(image), _np(label)
+    preds = {k: _np(v) for k, v in predictions.items()}
     gray = {"cmap": "gray"}
-    n = int(max(y.max(), p.max(), 1))
-    over = {"cmap": "tab20", "vmin": 0, "vmax": max(n, 19), "interpolation": "nearest"}
+    n = int(max([y.max(), 1.0] + [p.max() for p in preds.values()]))
+    vmax = max(n, 19)
+    over = {"cmap": "tab20", "vmin": 0, "vmax": vmax, "interpolation": "nearest"}
 
     def overlay(lab):
         return [np.ma.masked_where(v == 0, v) for v in _slices(lab)]
@@ -71,18 +80,30 @@ def save_finetune_preview(path: Path, image, label, pred, labels: dict[int, str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 3, figsize=(7.8, 7.2))
-    for r, (xi, yi, pi) in enumerate(zip(_slices(x), overlay(y), overlay(p))):
-        for c, (title, lab) in enumerate((("image", None), ("ground truth", yi), ("prediction", pi))):
+    columns = [("image", [None] * 3), ("ground truth", overlay(y))] + [(k, overlay(p)) for k, p in preds.items()]
+    fig, axes = plt.subplots(3, len(columns), figsize=(2.6 * len(columns), 7.2 + (0.6 if legend else 0)),
+                             squeeze=False)
+    for r, xi in enumerate(_slices(x)):
+        for c, (title, views) in enumerate(columns):
             ax = axes[r][c]
             ax.imshow(xi, **gray)
-            if lab is not None:
-                ax.imshow(lab, alpha=0.55, **over)
+            if views[r] is not None:
+                ax.imshow(views[r], alpha=0.55, **over)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    if legend and labels:
+        from matplotlib.patches import Patch
+
+        cmap = plt.get_cmap("tab20")
+        shown = [y, *preds.values()]
+        present = [c for c in sorted(labels) if c != 0 and any((v == c).any() for v in shown)]
+        handles = [Patch(color=cmap(c / vmax), label=labels[c]) for c in present]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7) or 1, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
