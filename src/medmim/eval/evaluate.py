@@ -67,16 +67,18 @@ def _window(image: np.ndarray, cfg) -> np.ndarray:
     return np.clip(image, lo, hi)
 
 
-def _overlay(path: Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, labels: dict[int, str]) -> None:
-    from medmim.preview import save_finetune_preview
+def comparison_figure(path: Path, image: np.ndarray, gt: np.ndarray, predictions: dict[str, np.ndarray],
+                      labels: dict[int, str], cfg=None, legend: bool = False) -> Path:
+    """The scan (windowed as ``cfg`` preprocesses it), its ground truth and each prediction (title -> label map,
+    all on the scan's grid) as organ overlays on the same slices, centred on the ground truth's organs."""
+    from medmim.preview import save_segmentation_figure
 
-    # centre the slices on the ground truth's organs, where there is something to see
-    idx = np.argwhere(gt > 0)
+    idx = np.argwhere(gt > 0)  # where there is something to see
     if len(idx):
         lo, hi = idx.min(0), idx.max(0) + 1
         sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        image, gt, pred = image[sl], gt[sl], pred[sl]
-    save_finetune_preview(path, image, gt, pred, labels)
+        image, gt, predictions = image[sl], gt[sl], {k: v[sl] for k, v in predictions.items()}
+    return save_segmentation_figure(path, _window(image.astype(np.float32), cfg), gt, predictions, labels, legend)
 
 
 VIT_FEATURES = ("as-is", "mean")
@@ -179,7 +181,7 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
         if n <= n_overlays:
             image = read_image(case.images[0]).array
             image = image[..., 0] if image.ndim == 4 else image
-            _overlay(out / f"overlay_{cid}.png", _window(image.astype(np.float32), cfg), gt, pred, labels)
+            comparison_figure(out / f"overlay_{cid}.png", image, gt, {"prediction": pred}, labels, cfg)
     if times:
         ev.seconds = {"mean": float(np.mean(times)), "max": float(np.max(times))}
     ev.write_csv(out / "metrics.csv")

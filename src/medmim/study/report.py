@@ -68,8 +68,8 @@ def _speedup_cell(r: GroupRow, which: str) -> str:
     return txt + (f" ({s.never_reached}/{r.seeds} never reached)" if s.never_reached else "")
 
 
-def summary_markdown(spec: Spec, rows: list[GroupRow]) -> str:
-    """The table of groups, their per-organ Dice, and notes on what they show (summary.md)."""
+def summary_markdown(spec: Spec, rows: list[GroupRow], organs: bool = True) -> str:
+    """The table of groups, their per-organ Dice (``organs``), and notes on what they show (summary.md)."""
     refs = [(which, group_name(ref)) for which, ref in spec.references.items()]  # a spec may name neither
     head = ["group", "seeds", "held-out mean Dice", "mean HD95 (mm)", "best val Dice", "converged"]
     head += [f"speed-up vs {name}" for _, name in refs]
@@ -84,7 +84,7 @@ def summary_markdown(spec: Spec, rows: list[GroupRow]) -> str:
         for c in r.organs:
             if c not in organ_ids:
                 organ_ids.append(c)
-    if organ_ids:
+    if organ_ids and organs:
         names = {c: rows[0].organs.get(c, (c,))[0] for c in organ_ids}
         lines += ["", "Per-organ held-out Dice (mean over seeds):", "",
                   "| group | " + " | ".join(names[c] for c in organ_ids) + " |",
