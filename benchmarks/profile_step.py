@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -75,16 +76,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-           "steps": args.steps, "configs": {}}
+           "steps": args.steps, "configs": {}, "load_start": [round(x, 2) for x in os.getloadavg()]}
     for cname in args.configs:
         impls = bench_train.build_case("unetr", cname, device, "fp32", quick=False, same=False)
         res["configs"][cname] = {impl.name: profile(impl, args.steps) for impl in impls}
         print(cname, {n: round(r["step_s"], 3) for n, r in res["configs"][cname].items()}, flush=True)
+    res["load_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     lines = ["# Where a UNETR fine-tuning step's time goes (torch.profiler, self CPU time)", "",
              f"{res['machine']}; fp32; {args.steps} profiled steps after one warm-up; each side with its own "
-             "AdamW as in bench_train's defaults. Shares of the profiled self time.", ""]
+             "AdamW as in bench_train's defaults. Shares of the profiled self time. Load averages (1, 5, 15 min) "
+             f"{res['load_start']} at the start, {res['load_end']} at the end: with other work on the machine the "
+             "step times are longer than alone; the shares are what to read.", ""]
     for cname, sides in res["configs"].items():
         kinds = list(dict.fromkeys(k for s in sides.values() for k in s["share"]))
         lines += [f"## {cname}", "", "| kind of work | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
