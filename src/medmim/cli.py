@@ -69,25 +69,35 @@ def data_check(path: Path, quiet: bool) -> None:
 
 @data.command("phantom")
 @click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--kind", type=click.Choice(["abdomen", "brain"]), default="abdomen", show_default=True,
+              help="abdomen: contrast CT, BTCV's 13 organs; brain: MRI (T1, T1ce, T2, FLAIR), BraTS tumour labels.")
 @click.option("--labeled", type=int, default=20, show_default=True, help="Cases with organ labels (imagesTr/labelsTr).")
 @click.option("--unlabeled", type=int, default=40, show_default=True, help="Image-only cases for pretraining (imagesTs).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--shape", type=(int, int, int), default=None, help="Voxels along i j k (default: the phantom's own).")
 @click.option("--spacing", type=(float, float, float), default=None, help="Voxel size in mm along i j k.")
-def data_phantom(out_dir: Path, labeled: int, unlabeled: int, seed: int, shape, spacing) -> None:
-    """Write a synthetic abdominal CT dataset (BTCV's 13 organs) in Decathlon format to OUT_DIR."""
-    from medmim.data import phantom
+def data_phantom(out_dir: Path, kind: str, labeled: int, unlabeled: int, seed: int, shape, spacing) -> None:
+    """Write a synthetic dataset in Decathlon format to OUT_DIR: abdominal CT (BTCV's 13 organs,
+    the default) or, with --kind brain, brain MRI with a glioma (BraTS labels)."""
+    if kind == "brain":
+        from medmim.data import phantom_brain
 
+        write = phantom_brain.write_brain_phantom_dataset
+    else:
+        from medmim.data import phantom
+
+        write = phantom.write_phantom_dataset
     kw = {}
     if shape is not None:
         kw["shape"] = tuple(shape)
     if spacing is not None:
         kw["spacing"] = tuple(spacing)
     t0 = time.perf_counter()
-    phantom.write_phantom_dataset(out_dir, labeled=labeled, unlabeled=unlabeled, seed=seed, progress=True, **kw)
+    write(out_dir, labeled=labeled, unlabeled=unlabeled, seed=seed, progress=True, **kw)
     dt = time.perf_counter() - t0
     n = labeled + unlabeled
-    click.echo(f"wrote {n} phantom cases ({labeled} labeled, {unlabeled} unlabeled) to {out_dir} "
+    what = "brain phantom" if kind == "brain" else "phantom"
+    click.echo(f"wrote {n} {what} cases ({labeled} labeled, {unlabeled} unlabeled) to {out_dir} "
                f"in {dt:.1f} s ({dt / max(n, 1):.2f} s per case)")
 
 
