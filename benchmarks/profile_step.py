@@ -92,7 +92,7 @@ def main() -> None:
     for cname, sides in res["configs"].items():
         kinds = list(dict.fromkeys(k for s in sides.values() for k in s["share"]))
         lines += [f"## {cname}", "", "| kind of work | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
-        lines += [f"| profiled step (s) | " + " | ".join(f"{s['step_s']:.3f}" for s in sides.values()) + " |"]
+        lines += ["| profiled step (s) | " + " | ".join(f"{s['step_s']:.3f}" for s in sides.values()) + " |"]
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(f"{s['share'].get(k, 0):.1%}" for s in sides.values()) + " |")
         for name, s in sides.items():

@@ -217,7 +217,10 @@ def _check_count(n, option: str) -> int:
     return int(n)
 
 
-def _check_geometry(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+def _check_geometry(shape, spacing, min_fov_mm=MIN_FOV_MM, what: str = "abdomen"
+                    ) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """``shape`` and ``spacing`` as tuples, or MedmimError naming the option; the field of view must hold
+    ``min_fov_mm`` (the phantom ``what``'s smallest)."""
     try:
         shape_t = tuple(shape)
     except TypeError:
@@ -235,10 +238,10 @@ def _check_geometry(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, 
     if n_vox > MAX_VOXELS:
         raise MedmimError(f"--shape {shape_t} has {n_vox} voxels, more than the {MAX_VOXELS} a phantom may have")
     fov = [n * s for n, s in zip(shape_t, spacing_t)]
-    if any(f < m for f, m in zip(fov, MIN_FOV_MM)):
+    if any(f < m for f, m in zip(fov, min_fov_mm)):
         raise MedmimError(
             f"--shape {shape_t} at --spacing {spacing_t} mm covers {' x '.join(f'{f:g}' for f in fov)} mm, "
-            f"but the phantom abdomen needs at least {' x '.join(f'{m:g}' for m in MIN_FOV_MM)} mm "
+            f"but the phantom {what} needs at least {' x '.join(f'{m:g}' for m in min_fov_mm)} mm "
             "(for a small volume use a coarser --spacing)")
     return shape_t, spacing_t
 

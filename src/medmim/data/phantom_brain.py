@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medmim.data.phantom import MAX_VOXELS, _affine, _check_count, _check_seed, _is_int, case_seed
+from medmim.data.phantom import _affine, _check_count, _check_seed, case_seed
+from medmim.data.phantom import _check_geometry as _check_phantom_geometry
 from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_text
 
@@ -184,29 +185,7 @@ def write_brain_phantom_dataset(out_dir, labeled: int, unlabeled: int, seed: int
 
 def _check_geometry(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """As :func:`medmim.data.phantom._check_geometry`, with the brain's smallest field of view."""
-    try:
-        shape_t = tuple(shape)
-    except TypeError:
-        raise MedmimError(f"--shape must be 3 positive integers, got {shape!r}")
-    if len(shape_t) != 3 or not all(_is_int(n) and n > 0 for n in shape_t):
-        raise MedmimError(f"--shape must be 3 positive integers, got {shape!r}")
-    try:
-        spacing_t = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise MedmimError(f"--spacing must be 3 positive numbers (mm), got {spacing!r}")
-    if len(spacing_t) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing_t):
-        raise MedmimError(f"--spacing must be 3 positive numbers (mm), got {spacing!r}")
-    shape_t = tuple(int(n) for n in shape_t)
-    n_vox = math.prod(shape_t)
-    if n_vox > MAX_VOXELS:
-        raise MedmimError(f"--shape {shape_t} has {n_vox} voxels, more than the {MAX_VOXELS} a phantom may have")
-    fov = [n * s for n, s in zip(shape_t, spacing_t)]
-    if any(f < m for f, m in zip(fov, MIN_FOV_MM)):
-        raise MedmimError(
-            f"--shape {shape_t} at --spacing {spacing_t} mm covers {' x '.join(f'{f:g}' for f in fov)} mm, "
-            f"but the phantom brain needs at least {' x '.join(f'{m:g}' for m in MIN_FOV_MM)} mm "
-            "(for a small volume use a coarser --spacing)")
-    return shape_t, spacing_t
+    return _check_phantom_geometry(shape, spacing, MIN_FOV_MM, "brain")
 
 
 # --- smooth random fields in mm -------------------------------------------------------------
