@@ -43,7 +43,7 @@ def data() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Print problems only, no summary.")
 def data_check(path: Path, quiet: bool) -> None:
     """Validate a dataset before training: a Decathlon or nnU-Net folder, its dataset.json,
-    a JSON datalist, or a plain folder of images.
+    a JSON datalist, a folder of BraTS case folders, or a plain folder of images.
 
     Reports every problem, each naming its file; exits 2 if there is any.
     """

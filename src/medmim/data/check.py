@@ -122,7 +122,8 @@ def _check_image(report: CheckReport, path: Path, channels: int) -> Image | None
     return img
 
 
-def _check_label(report: CheckReport, case: Case, ref: Image | None, declared: dict[int, str]) -> None:
+def _check_label(report: CheckReport, case: Case, ref: Image | None, declared: dict[int, str],
+                 declared_by: str = "dataset.json labels") -> None:
     path = case.label
     try:
         lab = read_image(path)
@@ -170,7 +171,7 @@ def _check_label(report: CheckReport, case: Case, ref: Image | None, declared: d
     if declared:
         undeclared = sorted(present - set(declared))
         if undeclared:
-            report.add(path, f"label values {undeclared} are not declared in dataset.json labels {sorted(declared)}")
+            report.add(path, f"label values {undeclared} are not declared in {declared_by} {sorted(declared)}")
             return
     for v in present:
         report.label_voxels[v] = report.label_voxels.get(v, 0) + int(counts[v])
@@ -178,7 +179,7 @@ def _check_label(report: CheckReport, case: Case, ref: Image | None, declared: d
 
 
 def check_dataset(path: str | os.PathLike, progress=None) -> CheckReport:
-    """Validate a dataset folder, its ``dataset.json``, a datalist, or a plain folder of images.
+    """Validate a dataset folder (Decathlon, nnU-Net, BraTS), its ``dataset.json``, a datalist, or a plain folder of images.
 
     Never raises for bad data: every problem lands in the report with the file it concerns.
     ``progress``: optional callable(case_id, index, total).
@@ -217,12 +218,17 @@ def check_dataset(path: str | os.PathLike, progress=None) -> CheckReport:
                 ref = img
                 report.shapes.append(_spatial_shape(img.array))
                 report.spacings.append(img.spacing)
-            elif _spatial_shape(img.array) != _spatial_shape(ref.array) or float(np.abs(img.affine - ref.affine).max()) > AFFINE_TOL_MM:
-                report.add(f, f"channel grid differs from {case.images[0].name} (shape or affine)")
+            elif _spatial_shape(img.array) != _spatial_shape(ref.array):
+                report.add(f, f"channel grid differs from {case.images[0].name} (shape or affine): "
+                              f"shape {_spatial_shape(img.array)} vs {_spatial_shape(ref.array)}")
+            elif (diff := float(np.abs(img.affine - ref.affine).max())) > AFFINE_TOL_MM:
+                report.add(f, f"channel grid differs from {case.images[0].name} (shape or affine): "
+                              f"affine differs by up to {diff:.4g} mm")
         if not one_file and len(case.images) != channels and ds.modalities:
             report.add(case.images[0], f"case '{case.case_id}' has {len(case.images)} channel files, dataset declares {channels}")
         if case.label is not None:
-            _check_label(report, case, ref, ds.labels)
+            _check_label(report, case, ref, ds.labels,
+                         "the BraTS labels" if ds.format == "brats" else "dataset.json labels")
         del ref
     return report
 

@@ -45,7 +45,7 @@ class Dataset:
     """A dataset in any supported format, reduced to what medmim needs."""
 
     root: Path
-    format: str  # "msd", "nnunet", "folder", "datalist"
+    format: str  # "msd", "nnunet", "brats", "folder", "datalist"
     name: str = ""
     labeled: list[Case] = field(default_factory=list)
     unlabeled: list[Case] = field(default_factory=list)
@@ -318,8 +318,80 @@ def _read_folder(folder: Path) -> Dataset:
     return ds
 
 
+# BraTS (2021 and other years): ROOT/<case>/<case>_{t1,t1ce,t2,flair}.nii.gz [+ <case>_seg.nii.gz]
+BRATS_SEQUENCES = ("t1", "t1ce", "t2", "flair")  # channel order
+BRATS_MODALITIES = ["T1", "T1ce", "T2", "FLAIR"]
+BRATS_LABELS = {0: "background", 1: "necrotic tumour core", 2: "peritumoral oedema", 4: "GD-enhancing tumour"}
+_BRATS_FILE = re.compile(r"^(.+)_(t1|t1ce|t2|flair|seg)(\.nii(?:\.gz)?)$", re.IGNORECASE)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [d for d in sorted(folder.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"]
+
+
+def _is_nifti(f: Path) -> bool:
+    return f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _looks_like_brats(folder: Path) -> bool:
+    """Some sub-folder holds a file named like a BraTS sequence (``*_t1.nii.gz``, ``*_flair.nii`` ...)."""
+    for d in _subfolders(folder):
+        for f in d.iterdir():
+            m = _BRATS_FILE.match(f.name)
+            if m and m.group(2).lower() != "seg" and f.is_file():
+                return True
+    return False
+
+
+def _read_brats(folder: Path) -> Dataset:
+    """A BraTS folder: one sub-folder per case, named as its files' prefix (``BraTS2021_00000/
+    BraTS2021_00000_t1.nii.gz`` ...). Channels T1, T1ce, T2, FLAIR; a case without ``_seg`` is unlabeled."""
+    ds = Dataset(root=folder, format="brats", name=folder.name, labels=dict(BRATS_LABELS),
+                 modalities=list(BRATS_MODALITIES))
+    for f in sorted(folder.iterdir()):
+        if _is_nifti(f):
+            raise MedmimError(f"{f}: an image beside BraTS case folders; each BraTS case keeps its files "
+                              f"in its own folder (<case>/<case>_t1.nii.gz, ...)")
+    for d in _subfolders(folder):
+        entries = [g for g in d.iterdir() if not g.name.startswith(".")]
+        if not entries:
+            raise MedmimError(f"{d}: empty case folder (expected {d.name}_t1.nii.gz, _t1ce, _t2, _flair)")
+        nifti = sorted(g for g in entries if _is_nifti(g))
+        if not nifti:
+            continue  # not a case folder (e.g. a cache or notes beside the data)
+        found: dict[str, Path] = {}
+        others: list[Path] = []
+        for g in nifti:
+            m = _BRATS_FILE.match(g.name)
+            if not m:
+                continue
+            if m.group(1) != d.name:
+                others.append(g)
+                continue
+            seq = m.group(2).lower()
+            if seq in found:
+                raise MedmimError(f"{g}: a second {seq} file in case folder '{d.name}' (also {found[seq].name})")
+            found[seq] = g
+        missing = [s for s in BRATS_SEQUENCES if s not in found]
+        if missing and not found and others:
+            raise MedmimError(f"{others[0]}: its prefix differs from its case folder's name '{d.name}'; BraTS files "
+                              f"are named <case folder>_<sequence>.nii.gz (e.g. {d.name}_t1.nii.gz)")
+        if missing:
+            ext = _BRATS_FILE.match(next(iter(found.values())).name).group(3) if found else ".nii.gz"
+            names = ", ".join(f"{d.name}_{s}{ext}" for s in missing)
+            raise MedmimError(f"{d}: case '{d.name}' lacks the {'/'.join(missing)} sequence"
+                              f"{'s' if len(missing) > 1 else ''} ({names})")
+        images = [found[s] for s in BRATS_SEQUENCES]
+        case = Case(d.name, images, found.get("seg"))
+        (ds.labeled if case.labeled else ds.unlabeled).append(case)
+    if not ds.cases:
+        raise MedmimError(f"{folder}: no BraTS case folders found (<case>/<case>_t1.nii.gz, _t1ce, _t2, _flair)")
+    return ds
+
+
 def load_dataset(path: str | os.PathLike) -> Dataset:
-    """Read a dataset from a folder (MSD, nnU-Net v2 raw, or plain images) or a JSON file.
+    """Read a dataset from a folder (MSD, nnU-Net v2 raw, BraTS case folders, or plain images) or a JSON file.
 
     Raises :class:`MedmimError` naming the file when the path or its ``dataset.json`` is invalid.
     """
@@ -333,6 +405,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     else:
         desc = path / "dataset.json"
         if not desc.is_file():
+            if _looks_like_brats(path):
+                return _read_brats(path)
             return _read_folder(path)
     data = _read_json(desc)
     if not isinstance(data, dict):
