@@ -141,34 +141,10 @@ def write_phantom_dataset(out_dir, labeled: int, unlabeled: int, seed: int = 0, 
     MSD ``dataset.json``. Case ``i`` is ``make_phantom(case_seed(seed, i), shape, spacing)``, so
     the same arguments write the same bytes. Raises :class:`MedmimError` on invalid arguments.
     """
-    from medmim.data.io import write_nifti
-
-    labeled = _check_count(labeled, "--labeled")
-    unlabeled = _check_count(unlabeled, "--unlabeled")
-    if labeled + unlabeled == 0:
-        raise MedmimError("--labeled and --unlabeled are both 0: no phantom to write")
-    seed = _check_seed(seed)
-    shape, spacing = _check_geometry(shape, spacing)
+    cases = write_cases(out_dir, labeled, unlabeled, seed, shape, spacing, "phantom", progress,
+                        lambda case_seed_, shape_, spacing_: _as_written(make_phantom(case_seed_, shape_, spacing_)))
+    training, test, seeds, seed, shape, spacing = cases
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MedmimError(f"{out_dir}: exists and is not a folder")
-    training, test, seeds = [], [], {}
-    cases = range(labeled + unlabeled)
-    if progress:
-        from tqdm import tqdm
-
-        cases = tqdm(cases, desc="phantoms", unit="case")
-    for i in cases:
-        name = f"phantom_{i:04d}"
-        seeds[name] = case_seed(seed, i)
-        case = make_phantom(seeds[name], shape, spacing)
-        if i < labeled:
-            write_nifti(out_dir / "imagesTr" / f"{name}.nii.gz", case.image, case.affine)
-            write_nifti(out_dir / "labelsTr" / f"{name}.nii.gz", case.label, case.affine)
-            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-        else:
-            write_nifti(out_dir / "imagesTs" / f"{name}.nii.gz", case.image, case.affine)
-            test.append(f"./imagesTs/{name}.nii.gz")
     fov = [round(n * s, 3) for n, s in zip(shape, spacing)]
     desc = {
         "name": "medmim-phantom",
@@ -190,6 +166,47 @@ def write_phantom_dataset(out_dir, labeled: int, unlabeled: int, seed: int = 0, 
     }
     atomic_write_text(out_dir / "dataset.json", json.dumps(desc, indent=2) + "\n")
     return out_dir
+
+
+def _as_written(case: PhantomCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return case.image, case.label, case.affine
+
+
+def write_cases(out_dir, labeled, unlabeled, seed, shape, spacing, prefix: str, progress: bool, make,
+                check_geometry=None):
+    """Check the arguments, then write case ``i`` = ``make(case_seed(seed, i), shape, spacing)`` -> (image,
+    label, affine) as ``imagesTr``/``labelsTr`` (the first ``labeled``) or ``imagesTs`` (the rest) under
+    ``out_dir``, named ``PREFIX_XXXX``. Returns (training entries, test entries, case seeds, and the checked
+    seed, shape and spacing) for the caller's dataset.json."""
+    from medmim.data.io import write_nifti
+
+    labeled = _check_count(labeled, "--labeled")
+    unlabeled = _check_count(unlabeled, "--unlabeled")
+    if labeled + unlabeled == 0:
+        raise MedmimError("--labeled and --unlabeled are both 0: no phantom to write")
+    seed = _check_seed(seed)
+    shape, spacing = (check_geometry or _check_geometry)(shape, spacing)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MedmimError(f"{out_dir}: exists and is not a folder")
+    training, test, seeds = [], [], {}
+    cases = range(labeled + unlabeled)
+    if progress:
+        from tqdm import tqdm
+
+        cases = tqdm(cases, desc="phantoms" if prefix == "phantom" else f"{prefix} phantoms", unit="case")
+    for i in cases:
+        name = f"{prefix}_{i:04d}"
+        seeds[name] = case_seed(seed, i)
+        image, label, affine = make(seeds[name], shape, spacing)
+        if i < labeled:
+            write_nifti(out_dir / "imagesTr" / f"{name}.nii.gz", image, affine)
+            write_nifti(out_dir / "labelsTr" / f"{name}.nii.gz", label, affine)
+            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        else:
+            write_nifti(out_dir / "imagesTs" / f"{name}.nii.gz", image, affine)
+            test.append(f"./imagesTs/{name}.nii.gz")
+    return training, test, seeds, seed, shape, spacing
 
 
 def case_seed(seed: int, index: int) -> int:

@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medmim.data.phantom import _affine, _check_count, _check_seed, case_seed
+from medmim.data.phantom import _affine, _check_seed, write_cases
 from medmim.data.phantom import _check_geometry as _check_phantom_geometry
-from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_text
 
 BRATS_LABELS: dict[int, str] = {0: "background", 1: "necrotic tumour core", 2: "peritumoral oedema",
@@ -127,35 +126,13 @@ def write_brain_phantom_dataset(out_dir, labeled: int, unlabeled: int, seed: int
     ``make_brain_phantom(case_seed(seed, i), shape, spacing)``, so the same arguments write the
     same bytes. Raises :class:`MedmimError` on invalid arguments.
     """
-    from medmim.data.io import write_nifti
+    def make(case_seed_, shape_, spacing_):
+        case = make_brain_phantom(case_seed_, shape_, spacing_)
+        return np.ascontiguousarray(np.moveaxis(case.image, 0, -1)), case.label, case.affine  # MSD: channels last
 
-    labeled = _check_count(labeled, "--labeled")
-    unlabeled = _check_count(unlabeled, "--unlabeled")
-    if labeled + unlabeled == 0:
-        raise MedmimError("--labeled and --unlabeled are both 0: no phantom to write")
-    seed = _check_seed(seed)
-    shape, spacing = _check_geometry(shape, spacing)
+    training, test, seeds, seed, shape, spacing = write_cases(out_dir, labeled, unlabeled, seed, shape, spacing,
+                                                              "brain", progress, make, _check_geometry)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MedmimError(f"{out_dir}: exists and is not a folder")
-    training, test, seeds = [], [], {}
-    cases = range(labeled + unlabeled)
-    if progress:
-        from tqdm import tqdm
-
-        cases = tqdm(cases, desc="brain phantoms", unit="case")
-    for i in cases:
-        name = f"brain_{i:04d}"
-        seeds[name] = case_seed(seed, i)
-        case = make_brain_phantom(seeds[name], shape, spacing)
-        image = np.ascontiguousarray(np.moveaxis(case.image, 0, -1))  # MSD: channels last
-        if i < labeled:
-            write_nifti(out_dir / "imagesTr" / f"{name}.nii.gz", image, case.affine)
-            write_nifti(out_dir / "labelsTr" / f"{name}.nii.gz", case.label, case.affine)
-            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-        else:
-            write_nifti(out_dir / "imagesTs" / f"{name}.nii.gz", image, case.affine)
-            test.append(f"./imagesTs/{name}.nii.gz")
     fov = [round(n * s, 3) for n, s in zip(shape, spacing)]
     desc = {
         "name": "medmim-phantom-brain",
