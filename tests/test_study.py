@@ -151,7 +151,7 @@ def test_bad_spec_names_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ("seed: 3,", "seed: 3, seeds: 2,", "unknown key 'data.phantom.seeds' (known: labeled, seed, "),
+    ("seed: 3,", "seed: 3, seeds: 2,", "unknown key 'data.phantom.seeds' (known: kind, labeled, seed, "),
     ("{label: mae, pretrain:", "{label: mae, pretrian:", "unknown key 'axes[0].values[1].pretrian'"),
     ("  phantom: {", "  phantoms: {", "unknown key 'data.phantoms'"),
     ("pretrain: null}", "pretrain: false}", "'axes[0].values[0].pretrain' must be null (no pretraining)"),

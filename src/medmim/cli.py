@@ -227,20 +227,23 @@ def _options(sw_batch_size, overlap, tta, lcc, precision, device, stitch_device)
 @cli.command("predict")
 @click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path), help="A fine-tuned UNETR checkpoint.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Folder for CASE.nii.gz label maps.")
+@click.option("--probabilities", is_flag=True,
+              help="Also write CASE_probabilities.nii.gz: each class's (or BraTS region's) probability, 4D.")
 @click.argument("inputs", nargs=-1, required=True)
 @_predict_options
-def predict(checkpoint: Path, out: Path, inputs: tuple[str, ...], **kw) -> None:
+def predict(checkpoint: Path, out: Path, probabilities: bool, inputs: tuple[str, ...], **kw) -> None:
     """Segment INPUTS (image files, DICOM series folders, or datasets) in their original geometry.
 
     The preprocessing is the one the model was trained with (read from the checkpoint); each written
-    label map has its scan's shape and affine. A case that fails is reported and the rest go on.
+    label map has its scan's shape and affine (a BraTS region model writes BraTS labels 0/1/2/4). A case
+    that fails is reported and the rest go on.
     """
     from medmim.eval.evaluate import cases_from_inputs, predict_cases
     from medmim.eval.inference import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint, _options(**kw))
     cases = cases_from_inputs(list(inputs))
-    failed = predict_cases(predictor, cases, out, log=click.echo)
+    failed = predict_cases(predictor, cases, out, log=click.echo, probabilities=probabilities)
     click.echo(f"{len(cases) - len(failed)} of {len(cases)} case(s) written to {out}")
     if failed:
         raise MedmimError(f"{len(failed)} case(s) failed: {', '.join(sorted(failed)[:5])}")
@@ -257,8 +260,11 @@ def predict(checkpoint: Path, out: Path, inputs: tuple[str, ...], **kw) -> None:
                    "the Dice drop (how much the ViT carries) in reliance.json and metrics.md.")
 @click.option("--vit-features", type=click.Choice(["as-is", "mean"]), default="as-is", show_default=True,
               help="mean: replace every feature UNETR takes from its ViT by its mean over the window's tokens.")
+@click.option("--regions", type=click.Choice(["brats"]), default=None,
+              help="Score BraTS's tumour regions (TC, WT, ET) of 0/1/2/4 label maps (automatic for a BraTS region "
+                   "checkpoint).")
 @_predict_options
-def evaluate_cmd(checkpoint, predictions, data, split, out, vit_reliance, vit_features, **kw) -> None:
+def evaluate_cmd(checkpoint, predictions, data, split, out, vit_reliance, vit_features, regions, **kw) -> None:
     """Dice and HD95 (mm) per case and class, in the original geometry; writes metrics.csv, metrics.md
     and overlay PNGs to OUT (with --vit-reliance also reliance.json).
     """
@@ -266,7 +272,7 @@ def evaluate_cmd(checkpoint, predictions, data, split, out, vit_reliance, vit_fe
 
     ev = evaluate(data, out, checkpoint=str(checkpoint) if checkpoint else None,
                   predictions=str(predictions) if predictions else None, split=split, options=_options(**kw),
-                  log=click.echo, vit_features=vit_features, vit_reliance=vit_reliance)
+                  log=click.echo, vit_features=vit_features, vit_reliance=vit_reliance, regions=regions)
     md = ev.mean_dice()
     hd = ev.mean_hd95()
     click.echo(f"mean Dice {md:.4f}" if md is not None else "mean Dice: no class scored", nl=False)

@@ -50,7 +50,8 @@ class DataConfig(_Section):
     # dataset's own, from the modality its dataset.json declares (CT -> ct, MR/T1/T2/FLAIR... -> mri; none -> ct),
     # so phantoms, CTs and MRIs can be pretrained on together. Fine-tuning records the preset its data had.
     modality: Literal["auto", "ct", "mri"] = "auto"
-    spacing: FTriple = (1.5, 1.5, 2.0)  # mm, target voxel size after resampling (BTCV setting of the paper)
+    # mm, target voxel size after resampling; None: by modality, CT (1.5, 1.5, 2) as the paper's BTCV, MRI 1 mm as BraTS
+    spacing: FTriple | None = None
     hu_window: tuple[float, float] = (-175.0, 250.0)  # CT intensities clipped to this window, then scaled to [0, 1]
     roi_size: Triple = (96, 96, 96)  # crop size in voxels
     crops_per_volume: int = Field(4, ge=1)
@@ -66,6 +67,9 @@ class DataConfig(_Section):
     # filled in from the dataset when a run starts, so a checkpoint knows its classes on its own
     labels: dict[int, str] | None = None
     lateral_pairs: list[tuple[int, int]] | None = None
+    # the input channels the model takes, by the names the dataset declares (case-insensitive) or by index:
+    # data.channels=[t1ce] pretrains on one BraTS sequence; None: every channel, in the dataset's order
+    channels: list[str | int] | None = None
     # bad cached data met during training: a case that will not open, or whose arrays no longer match
     # the checksums in its case.json, is skipped with a warning; more than this share of the training
     # cases skipped stops the run
@@ -83,8 +87,8 @@ class DataConfig(_Section):
 
     @field_validator("spacing", "roi_size")
     @classmethod
-    def _positive(cls, v: tuple, info: ValidationInfo) -> tuple:
-        if any(s <= 0 for s in v):
+    def _positive(cls, v: tuple | None, info: ValidationInfo) -> tuple | None:
+        if v is not None and any(s <= 0 for s in v):
             unit = " mm" if info.field_name == "spacing" else ""
             raise ValueError(f"{info.field_name} must be positive{unit}, got {list(v)}")
         return v
@@ -114,11 +118,19 @@ class ModelConfig(_Section):
     # the segmenter: UNETR, or probe (a linear head on the frozen ViT's tokens, upsampled: the representation test)
     head: Literal["unetr", "probe"] = "unetr"
     num_classes: int = Field(14, ge=2)  # including background
+    # brats: BraTS's overlapping tumour regions (TC, WT, ET) as three sigmoid outputs, trained with a sigmoid
+    # DiceCE loss, from BraTS label maps (0/1/2/4); None: num_classes exclusive classes (softmax)
+    regions: Literal["brats"] | None = None
     feature_size: int = Field(16, ge=1)  # UNETR
     pretrained: str | None = None  # checkpoint to initialise the encoder from (fine-tuning)
     partial_load: bool = False  # allow an encoder that loads only in part (reported either way)
 
     _norm = field_validator("img_size", "patch_size", mode="before")(_triple)
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the segmenter: the regions' count (3 for BraTS) or ``num_classes``."""
+        return 3 if self.regions == "brats" else self.num_classes
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":

@@ -76,6 +76,7 @@ def _organ_table(cells) -> list[str]:
 def _heldout_figure(run: StudyRun, cells, val_ids: list[str], path: Path) -> Path | None:
     """The first held-out case: CT, ground truth and each run's prediction on the same slices."""
     from medmim.data.datasets import load_dataset
+    from medmim.data.datasets import read_case_label
     from medmim.data.io import read_image
     from medmim.eval.evaluate import comparison_figure
 
@@ -91,7 +92,7 @@ def _heldout_figure(run: StudyRun, cells, val_ids: list[str], path: Path) -> Pat
     if not preds:
         return None
     image = read_image(case.images[0]).array
-    gt = np.rint(read_image(case.label).array).astype(np.int64)
+    gt = np.rint(read_case_label(case).array).astype(np.int64)
     cfg = run.config("finetune", next(c for c in expand_cells(run.spec)))
     return comparison_figure(path, image[..., 0] if image.ndim == 4 else image, gt, preds, dict(ds.labels), cfg,
                              legend=True)

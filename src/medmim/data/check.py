@@ -41,6 +41,7 @@ class CheckReport:
     label_voxels: dict[int, int] = field(default_factory=dict)  # value -> voxel count over all labels
     label_cases: dict[int, int] = field(default_factory=dict)  # value -> number of cases holding it
     intensity: list[tuple[float, float]] = field(default_factory=list)  # per image (min, max)
+    label_map: dict[int, int] | None = None  # file value -> BraTS value, when the files number BraTS's classes otherwise
 
     @property
     def ok(self) -> bool:
@@ -62,6 +63,9 @@ class CheckReport:
             lo = min(i[0] for i in self.intensity)
             hi = max(i[1] for i in self.intensity)
             lines.append(f"  intensity range: {lo:g} .. {hi:g}")
+        if self.label_map:
+            pairs = ", ".join(f"{k} -> {v}" for k, v in sorted(self.label_map.items()))
+            lines.append(f"  label files renumbered into BraTS's 0/1/2/4 by their declared names: {pairs}")
         if self.label_voxels:
             total = sum(self.label_voxels.values())
             lines.append("  labels (value name: voxel share, cases holding it):")
@@ -86,7 +90,9 @@ def _spatial_shape(arr: np.ndarray) -> tuple[int, ...]:
     return tuple(arr.shape[:3])
 
 
-def _check_image(report: CheckReport, path: Path, channels: int) -> Image | None:
+def _check_image(report: CheckReport, path: Path, channels: int, modalities: list[str] | None = None) -> Image | None:
+    """Read and check one image file: ``channels`` > 1 means it must hold them all (a 4D ``[X, Y, Z, C]`` file,
+    the Decathlon's multi-sequence layout)."""
     try:
         img = read_image(path)
     except MedmimError as e:
@@ -98,9 +104,16 @@ def _check_image(report: CheckReport, path: Path, channels: int) -> Image | None
     if arr.ndim < 3:
         report.add(path, f"image is {arr.ndim}D (shape {arr.shape}); medmim needs 3D volumes")
         return None
+    declared = f"{channels} ({', '.join(modalities)})" if modalities else f"{channels}"
     if arr.ndim > 4 or (arr.ndim == 4 and arr.shape[3] != channels):
-        what = f"{arr.shape[3]} channels but the dataset declares {channels}" if arr.ndim == 4 else f"{arr.ndim}D"
+        what = f"{arr.shape[3]} channels but the dataset declares {declared}" if arr.ndim == 4 else f"{arr.ndim}D"
+        if arr.ndim == 4 and arr.shape[3] < channels:
+            what += ": a missing sequence"
         report.add(path, f"image is {arr.ndim}D (shape {arr.shape}): {what}")
+        return None
+    if arr.ndim == 3 and channels > 1:
+        report.add(path, f"image is 3D (shape {arr.shape}), one channel, but the dataset declares {declared} "
+                         f"in one file: missing sequences")
         return None
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         report.add(path, f"voxels are not numbers (dtype {arr.dtype})")
@@ -124,6 +137,8 @@ def _check_image(report: CheckReport, path: Path, channels: int) -> Image | None
 
 def _check_label(report: CheckReport, case: Case, ref: Image | None, declared: dict[int, str],
                  declared_by: str = "dataset.json labels") -> None:
+    """Check a label file against its image's grid and the values ``declared`` for the files (before any
+    renumbering into BraTS's values); count its voxels per value in the dataset's numbering."""
     path = case.label
     try:
         lab = read_image(path)
@@ -174,8 +189,9 @@ def _check_label(report: CheckReport, case: Case, ref: Image | None, declared: d
             report.add(path, f"label values {undeclared} are not declared in {declared_by} {sorted(declared)}")
             return
     for v in present:
-        report.label_voxels[v] = report.label_voxels.get(v, 0) + int(counts[v])
-        report.label_cases[v] = report.label_cases.get(v, 0) + 1
+        shown = case.label_map.get(v, v) if case.label_map else v  # the summary names BraTS's values
+        report.label_voxels[shown] = report.label_voxels.get(shown, 0) + int(counts[v])
+        report.label_cases[shown] = report.label_cases.get(shown, 0) + 1
 
 
 def check_dataset(path: str | os.PathLike, progress=None) -> CheckReport:
@@ -193,9 +209,12 @@ def check_dataset(path: str | os.PathLike, progress=None) -> CheckReport:
     report.format = ds.format
     report.n_labeled, report.n_unlabeled = len(ds.labeled), len(ds.unlabeled)
     report.label_names = dict(ds.labels)
+    report.label_map = ds.label_map
+    # the values the label files may hold: as declared, before any renumbering into BraTS's
+    file_labels = ds.source_labels if ds.source_labels is not None else ds.labels
     if ds.format != "folder" and ds.labeled and not ds.labels:
         report.add(ds.descriptor, "declares no 'labels' although it lists labeled cases")
-    if ds.labels and 0 not in ds.labels:
+    if file_labels and 0 not in file_labels:
         report.add(ds.descriptor, "'labels' must declare 0 (background)")
     for a, b in ds.lateral_pairs:
         for v in (a, b):
@@ -211,7 +230,7 @@ def check_dataset(path: str | os.PathLike, progress=None) -> CheckReport:
         ref = None
         one_file = len(case.images) == 1
         for f in case.images:
-            img = _check_image(report, f, channels if one_file else 1)
+            img = _check_image(report, f, channels if one_file else 1, ds.modalities if one_file else None)
             if img is None:
                 continue
             if ref is None:
@@ -227,8 +246,9 @@ def check_dataset(path: str | os.PathLike, progress=None) -> CheckReport:
         if not one_file and len(case.images) != channels and ds.modalities:
             report.add(case.images[0], f"case '{case.case_id}' has {len(case.images)} channel files, dataset declares {channels}")
         if case.label is not None:
-            _check_label(report, case, ref, ds.labels,
-                         "the BraTS labels" if ds.format == "brats" else "dataset.json labels")
+            _check_label(report, case, ref, file_labels,
+                         "the BraTS labels" if ds.format == "brats" else
+                         f"{ds.descriptor.name if ds.descriptor else 'the dataset'} labels")
         del ref
     return report
 

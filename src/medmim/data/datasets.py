@@ -4,6 +4,13 @@ Every format is read into one :class:`Dataset`: labeled cases (image channels + 
 unlabeled cases (images only, used for pretraining), the label names, the modalities, and pairs
 of lateralised labels (e.g. right/left kidney) that swap when the patient is mirrored.
 
+Datasets whose labels name BraTS's three tumour classes under other values (the Decathlon's
+``Task01_BrainTumour``: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour) are read into BraTS
+numbering (0/1/2/4, :data:`medmim.data.regions.BRATS_LABEL_NAMES`): ``Dataset.labels`` holds BraTS's
+values and each case carries ``label_map`` (file value -> BraTS value), applied wherever a label file
+is read (:func:`read_case_label`, :func:`apply_label_map`), so that training, prediction and evaluation
+all see BraTS values.
+
 Splits are deterministic from a seed and written beside the data as ``splits_final.json``
 (nnU-Net's format: a list of folds ``[{"train": [ids], "val": [ids]}, ...]``) so that runs
 on the same data are comparable.
@@ -20,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medmim.data.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES
+from medmim.data.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, Image, read_image
 from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_json
 
@@ -29,11 +36,17 @@ SPLITS_FILE = "splits_final.json"
 
 @dataclass
 class Case:
-    """One scan: its image channels (one file each, or one 4D file) and its label, if any."""
+    """One scan: its image channels (one file each, or one 4D file) and its label, if any.
+
+    ``label_map``: label file value -> dataset value, when the file numbers its classes otherwise than
+    ``Dataset.labels`` (a BraTS dataset in the Decathlon's numbering); None: the file's values are used as
+    they are. Read labels through :func:`read_case_label`, which applies it.
+    """
 
     case_id: str
     images: list[Path]
     label: Path | None = None
+    label_map: dict[int, int] | None = None
 
     @property
     def labeled(self) -> bool:
@@ -54,6 +67,10 @@ class Dataset:
     lateral_pairs: list[tuple[int, int]] = field(default_factory=list)
     fixed_val: list[str] | None = None  # a datalist's own validation cases, if it names them
     descriptor: Path | None = None  # dataset.json or the datalist file
+    # set when the files number BraTS's classes otherwise: file value -> BraTS value (also on every case),
+    # and the labels as the descriptor declares them (``labels`` then holds BraTS's)
+    label_map: dict[int, int] | None = None
+    source_labels: dict[int, str] | None = None
 
     @property
     def channels(self) -> int:
@@ -112,6 +129,9 @@ def _parse_labels_msd(raw: object, where: Path) -> dict[int, str]:
         if isinstance(v, (int,)) and not isinstance(v, bool):
             key, name = v, k
         elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            classes = _classes_from_brats_regions(raw)
+            if classes is not None:
+                return classes
             raise MedmimError(f"{where}: label '{k}' is a region (a list of values); medmim needs one value per label")
         else:
             try:
@@ -127,6 +147,34 @@ def _parse_labels_msd(raw: object, where: Path) -> dict[int, str]:
             raise MedmimError(f"{where}: label value {key} declared twice")
         out[key] = str(name)
     return out
+
+
+def _classes_from_brats_regions(raw: dict) -> dict[int, str] | None:
+    """nnU-Net's region-declared BraTS labels (``{"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
+    "enhancing tumor": [3]}``) -> one name per file value (here ``{1: oedema, 2: necrotic core, 3: enhancing}``),
+    or None when they are not BraTS's three nested regions, each one value larger than the next."""
+    sets: dict[str, set[int]] = {}
+    for k, v in raw.items():
+        vals = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        if not (isinstance(vals, list) and vals and all(isinstance(x, int) and not isinstance(x, bool) for x in vals)):
+            return None
+        if vals == [0]:
+            continue
+        n = str(k).strip().lower()
+        region = ("WT" if re.search(r"whole|\bwt\b", n) else "TC" if re.search(r"core|\btc\b", n)
+                  else "ET" if re.search(r"enhanc|\bet\b", n) else None)
+        if region is None or region in sets or any(x < 1 or x > 255 for x in vals):
+            return None
+        sets[region] = set(vals)
+    if set(sets) != {"WT", "TC", "ET"}:
+        return None
+    wt, tc, et = sets["WT"], sets["TC"], sets["ET"]
+    if not (et < tc < wt and len(et) == len(tc - et) == len(wt - tc) == 1):
+        return None
+    from medmim.data.regions import BRATS_LABEL_NAMES, ED, ET, NCR
+
+    return {0: BRATS_LABEL_NAMES[0], min(wt - tc): BRATS_LABEL_NAMES[ED], min(tc - et): BRATS_LABEL_NAMES[NCR],
+            min(et): BRATS_LABEL_NAMES[ET]}
 
 
 def _parse_modalities(raw: object, where: Path, key: str) -> list[str]:
@@ -244,7 +292,7 @@ def _read_nnunet(desc: Path, data: dict) -> Dataset:
             continue
         groups: dict[str, dict[int, Path]] = {}
         for f in sorted(d.iterdir()):
-            if not f.name.endswith(ending):
+            if not f.name.endswith(ending) or f.name.startswith("."):  # "._X" files: macOS metadata, not images
                 continue
             m = re.match(r"^(.+)_(\d{4})$", f.name[: -len(ending)])
             if not m:
@@ -253,8 +301,13 @@ def _read_nnunet(desc: Path, data: dict) -> Dataset:
         for cid, chans in groups.items():
             if sorted(chans) != list(range(nch)):
                 missing = sorted(set(range(nch)) - set(chans))
-                raise MedmimError(f"{d}: case '{cid}' has channels {sorted(chans)}, expected 0..{nch - 1}"
-                                  + (f" (missing _{missing[0]:04d}{ending})" if missing else ""))
+                extra = sorted(set(chans) - set(range(nch)))
+                # name the file that should be there (a missing sequence), else the one that should not
+                where = d / f"{cid}_{missing[0]:04d}{ending}" if missing else chans[extra[0]]
+                what = (f"missing channel {missing[0]} ({modalities[missing[0]]})" if missing
+                        else f"channel {extra[0]} not declared in channel_names")
+                raise MedmimError(f"{where}: {what}: case '{cid}' has channels {sorted(chans)}, "
+                                  f"expected 0..{nch - 1} ({', '.join(modalities)})")
             images = [chans[i] for i in range(nch)]
             label = base / "labelsTr" / f"{cid}{ending}" if labeled else None
             (ds.labeled if labeled else ds.unlabeled).append(Case(cid, images, label))
@@ -390,11 +443,84 @@ def _read_brats(folder: Path) -> Dataset:
     return ds
 
 
+def _to_brats_numbering(ds: Dataset) -> Dataset:
+    """Renumber a dataset whose labels name BraTS's three tumour classes under other values (the Decathlon's
+    1 oedema, 2 non-enhancing tumour, 3 enhancing) into BraTS's 0/1/2/4: ``labels`` become BraTS's, the declared
+    ones move to ``source_labels`` and every case gets the ``label_map`` (file value -> BraTS value)."""
+    # only three foreground classes can be BraTS's; the check spares other datasets importing regions (torch)
+    if ds.format == "brats" or len([v for v in ds.labels if v != 0]) != 3:
+        return ds
+    from medmim.data.regions import BRATS_LABEL_NAMES, brats_values_for
+
+    mapping = brats_values_for(ds.labels)
+    if mapping is None or all(k == v for k, v in mapping.items()):
+        return ds  # not BraTS's classes, or already in BraTS numbering: the files' values are used as they are
+    ds.source_labels = dict(ds.labels)
+    ds.labels = dict(BRATS_LABEL_NAMES)
+    ds.label_map = dict(mapping)
+    ds.lateral_pairs = [(mapping.get(a, a), mapping.get(b, b)) for a, b in ds.lateral_pairs]
+    for case in ds.cases:
+        case.label_map = dict(mapping)
+    return ds
+
+
+def apply_label_map(array: np.ndarray, label_map: dict[int, int] | None, path: str | os.PathLike) -> np.ndarray:
+    """A label map ``[X, Y, Z]`` read from ``path`` -> the dataset's numbering (``label_map``: file value ->
+    dataset value; 0 stays 0). None: ``array`` unchanged. Else uint8; a value the map lacks, a negative or a
+    non-integer value raises :class:`MedmimError` naming ``path``."""
+    if label_map is None:
+        return array
+    a = np.asarray(array)
+    if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+            raise MedmimError(f"{path}: label voxels are not finite numbers (dtype {a.dtype}); cannot renumber them")
+        if np.any(a != np.rint(a)):
+            raise MedmimError(f"{path}: label has non-integer values; a label map holds class ids")
+    vals = a.astype(np.int64)
+    known = sorted({0, *label_map})
+    if vals.size and (vals.min() < 0 or vals.max() > 255):
+        raise MedmimError(f"{path}: label values outside 0..255 (min {vals.min()}, max {vals.max()}); "
+                          f"declared are {known}")
+    present = np.flatnonzero(np.bincount(vals.ravel(), minlength=1))
+    unknown = sorted(set(present.tolist()) - set(known))
+    if unknown:
+        raise MedmimError(f"{path}: label values {unknown} are not declared in the dataset's labels {known}; "
+                          f"cannot renumber them")
+    lut = np.zeros(256, np.uint8)
+    for src, dst in label_map.items():
+        lut[src] = dst
+    return lut[vals]
+
+
+def read_case_label(case: Case) -> Image:
+    """A case's label map ``[X, Y, Z]`` and its geometry, values in the dataset's numbering: ``case.label_map``
+    applied, so a BraTS dataset in the Decathlon's numbering reads as 0/1/2/4. Raises :class:`MedmimError`
+    naming the file."""
+    if case.label is None:
+        raise MedmimError(f"case '{case.case_id}' has no label")
+    img = read_image(case.label)
+    if img.array.ndim == 4 and img.array.shape[3] == 1:
+        img.array = img.array[..., 0]
+    img.array = apply_label_map(img.array, case.label_map, case.label)
+    return img
+
+
+def read_label_values(case: Case) -> np.ndarray:
+    """A case's label values ``[X, Y, Z]`` in the dataset's numbering (see :func:`read_case_label`)."""
+    return read_case_label(case).array
+
+
 def load_dataset(path: str | os.PathLike) -> Dataset:
     """Read a dataset from a folder (MSD, nnU-Net v2 raw, BraTS case folders, or plain images) or a JSON file.
 
-    Raises :class:`MedmimError` naming the file when the path or its ``dataset.json`` is invalid.
+    Labels that name BraTS's tumour classes under other values are read into BraTS numbering (see
+    :func:`read_case_label`). Raises :class:`MedmimError` naming the file when the path or its ``dataset.json``
+    is invalid.
     """
+    return _to_brats_numbering(_load_any(Path(path)))
+
+
+def _load_any(path: Path) -> Dataset:
     path = Path(path)
     if not path.exists():
         raise MedmimError(f"{path}: no such file or folder")

@@ -47,6 +47,7 @@ DEFAULT_SPACING = (1.0, 1.0, 1.0)  # mm; BraTS is resampled to 1 mm isotropic
 # smallest field of view (mm along i, j, k) that holds the whole brain
 MIN_FOV_MM = (150.0, 180.0, 150.0)
 
+OEDEMA_MARGIN_MM = 5.0  # least oedema around the tumour core (in white matter)
 # tissue classes (``BrainPhantomCase.tissue``)
 BACKGROUND, CSF, GM, WM, DEEP_GM, OEDEMA, NECROSIS, ENHANCING = range(8)
 BRAIN_TISSUES: dict[int, str] = {
@@ -246,7 +247,7 @@ def _draw_head(rng) -> _Head:
     ventricle = {"y": u(-8.0, -2.0), "z": u(8.0, 14.0), "sx": u(5.0, 7.0) * vs, "sy": u(24.0, 30.0),
                  "sz": u(5.0, 7.5) * vs, "sep": u(1.0, 2.0), "bend": u(6.0, 12.0)}
     # tumour: in the white matter of one hemisphere, clear of the ventricles and the cortex
-    r_tc = u(11.0, 22.0)  # tumour core (necrosis + enhancing rim) mean radius
+    r_tc = u(12.0, 23.0)  # tumour core (necrosis + enhancing rim) mean radius
     rim = u(2.5, 6.0)  # enhancing rim thickness
     r_ed = r_tc + u(8.0, 22.0)  # oedema reach
     side = 1.0 if rng.random() < 0.5 else -1.0
@@ -289,21 +290,27 @@ def _paint_brain(hd: _Head, rng, axes) -> np.ndarray:
     del r, rr, dist
     fold = fold_field.sample(*axes)
     csf = np.float32(hd.csf_mm) * (1.0 + np.float32(0.3) * np.clip(deform, -2.0, 2.0))
-    gm_inner = csf + np.float32(hd.gm_mm) * np.clip(1.6 + 1.0 * fold, 0.6, None)
+    # the ribbon stands for folded cortex: deeper than the 2.5-4 mm of real cortical thickness, so that grey
+    # matter is about as much of the brain as white matter, as in an adult
+    gm_inner = csf + np.float32(hd.gm_mm) * np.clip(3.3 + 1.2 * fold, 1.2, None)
     tissue = np.zeros(brain.shape, np.uint8)
     tissue[brain] = WM
     tissue[brain & (depth < gm_inner)] = GM
     # sulci: CSF in the middle of the deep cortical folds, lined by grey matter at the fundus
     sulcus_thr = np.float32(1.05 - 0.35 * hd.atrophy)
-    tissue[brain & (fold > sulcus_thr) & (depth < gm_inner - np.float32(0.9 * hd.gm_mm))] = CSF
+    tissue[brain & (fold > sulcus_thr) & (depth < gm_inner - np.float32(1.6 * hd.gm_mm))] = CSF
     tissue[brain & (depth < csf)] = CSF
     del depth, gm_inner, fold, deform
     v = hd.ventricle
-    # interhemispheric fissure above the corpus callosum, lined by medial cortex
+    # interhemispheric fissure, lined by medial cortex: above the corpus callosum, and down to the base in
+    # front of and behind it (the hemispheres join only through the callosum and the deep structures)
     z_cc = v["z"] + v["sz"] + 5.0
-    sl = _box(axes, (-12.0, -1e4, z_cc), (12.0, 1e4, 1e4))
-    if sl is not None:
-        x, _, z = _grid(axes, sl)
+    for lo, hi in (((-12.0, -1e4, z_cc), (12.0, 1e4, 1e4)), ((-12.0, v["y"] + 38.0, -1e4), (12.0, 1e4, z_cc)),
+                   ((-12.0, -1e4, -1e4), (12.0, v["y"] - 42.0, z_cc))):
+        sl = _box(axes, lo, hi)
+        if sl is None:
+            continue
+        x, _, _ = _grid(axes, sl)
         t, br = tissue[sl], brain[sl]
         half = np.float32(0.8 + 0.6 * hd.atrophy)
         t[br & (t == WM) & (np.abs(x) < half + np.float32(hd.gm_mm * 1.3))] = GM
@@ -370,10 +377,18 @@ def _paint_tumour(hd: _Head, rng, axes, tissue: np.ndarray) -> None:
     r_ed = rad / (1.0 + 1.2 * irr * np.clip(oedema_field.sample(xs, ys, zs), -2.0, 2.0))
     t = tissue[sl]
     inside = t != BACKGROUND
-    t[(r_ed < tm["r_ed"]) & ((t == WM) | (t == DEEP_GM))] = OEDEMA
+    # oedema: out to its own irregular reach, and never less than a margin around the core, so that the core
+    # sits in oedema rather than against normal white matter
+    oedema = (r_ed < tm["r_ed"]) | (r_shape < tm["r_tc"] + OEDEMA_MARGIN_MM)
+    # the falx keeps the oedema in the tumour's hemisphere (it crosses, rarely, through the corpus callosum)
+    oedema &= (X * np.float32(np.sign(c[0]))) > -2.0
+    t[oedema & ((t == WM) | (t == DEEP_GM))] = OEDEMA
     core = inside & (r_shape < tm["r_tc"])
     t[core] = ENHANCING
-    t[core & (r_core < tm["r_nec"])] = NECROSIS
+    # necrosis: irregular, but inside the enhancing shell (at least most of the rim's thickness deep), so the
+    # rim closes around it as in a typical glioblastoma
+    rim = tm["r_tc"] - tm["r_nec"]
+    t[core & (r_core < tm["r_nec"]) & (r_shape < tm["r_tc"] - np.float32(0.7 * rim))] = NECROSIS
 
 
 # --- intensities ----------------------------------------------------------------------------

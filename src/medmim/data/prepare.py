@@ -38,6 +38,8 @@ from medmim.fileio import atomic_write_json
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 FG_SAMPLES_PER_CLASS = 4096  # enough positions to centre crops on; keeps fg.npz small
+# mm, data.spacing when not set: the paper's BTCV setting for CT, BraTS's 1 mm isotropic grid for MRI
+DEFAULT_SPACING = {"ct": (1.5, 1.5, 2.0), "mri": (1.0, 1.0, 1.0)}
 
 
 @dataclass
@@ -55,7 +57,8 @@ class PrepareSettings:
         modality = data_cfg.modality
         if modality == "auto":
             modality = dataset_modality(dataset) if dataset is not None else "ct"
-        return cls(modality=modality, spacing=tuple(float(s) for s in data_cfg.spacing),
+        spacing = data_cfg.spacing or DEFAULT_SPACING[modality]
+        return cls(modality=modality, spacing=tuple(float(s) for s in spacing),
                    hu_window=tuple(float(v) for v in data_cfg.hu_window), dtype=data_cfg.cache_dtype)
 
     def to_dict(self) -> dict:
@@ -168,6 +171,8 @@ def preprocess_case(case: Case, settings: PrepareSettings) -> dict:
     from monai.data import MetaTensor
     from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRange, Spacing
 
+    from medmim.data.datasets import read_case_label
+
     image, affine = _load_channels(case)
     orig_shape = list(image.shape[1:])
     img = MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine, dtype=torch.float64))
@@ -176,8 +181,8 @@ def preprocess_case(case: Case, settings: PrepareSettings) -> dict:
     img = Spacing(pixdim=settings.spacing, mode="bilinear", padding_mode="border")(img)
     label = None
     if case.label is not None:
-        lab_img = read_image(case.label)
-        lab = lab_img.array[..., 0] if lab_img.array.ndim == 4 and lab_img.array.shape[3] == 1 else lab_img.array
+        # case.label_map applied: a BraTS dataset in another numbering (the Decathlon's) is cached as 0/1/2/4
+        lab = read_case_label(case).array
         if lab.shape != tuple(orig_shape):
             raise MedmimError(f"{case.label}: label shape {lab.shape} differs from its image's {tuple(orig_shape)}")
         lab_t = MetaTensor(torch.from_numpy(np.asarray(lab, dtype=np.float32)[None]),
@@ -322,7 +327,9 @@ def prepare_dataset(source: str | os.PathLike | Dataset, out: str | os.PathLike,
             result.failed[case.case_id] = f"{e.filename}: {e.strerror}"
             manifest["cases"][case.case_id] = {"status": "failed", "error": result.failed[case.case_id]}
             continue
+        label_map = {str(k): v for k, v in case.label_map.items()} if case.label_map else None
         up_to_date = (prev.get("status") == "done" and prev.get("sources") == fp
+                      and prev.get("label_map") == label_map  # renumbered labels (BraTS) differ in label.npy
                       and (cache / "cases" / case.case_id / "case.json").is_file())
         if up_to_date:
             result.skipped.append(case.case_id)
@@ -337,6 +344,8 @@ def prepare_dataset(source: str | os.PathLike | Dataset, out: str | os.PathLike,
             result.done.append(case.case_id)
             manifest["cases"][case.case_id] = {"status": "done", "sources": fp, "labeled": case.labeled,
                                                "shape": meta["cache_shape"]}
+            if case.label_map:
+                manifest["cases"][case.case_id]["label_map"] = {str(k): v for k, v in case.label_map.items()}
             log(f"[{n}/{len(todo)}] {case.case_id}: {meta['original_shape']} -> {meta['cache_shape']}")
         else:
             result.failed[case.case_id] = err

@@ -46,15 +46,48 @@ _VERDICTS: dict[str, tuple[int, str | None]] = {}
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError)
 
 
+class ChannelView:
+    """Some channels of a memory-mapped ``[C, X, Y, Z]`` array, read lazily: indexing reads only the voxels
+    asked for (a crop), then keeps the chosen channels. Has ``shape``, ``dtype``, ``ndim`` and ``__array__``."""
+
+    def __init__(self, array: np.ndarray, channels: Sequence[int]):
+        self.array, self.channels = array, list(channels)
+        self.shape = (len(self.channels), *array.shape[1:])
+        self.dtype, self.ndim = array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if not key or key[0] is not Ellipsis:
+            return np.asarray(self)[key]
+        return np.asarray(self.array[key])[self.channels]  # (..., x, y, z): the crop of every channel, then ours
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.asarray(self.array[self.channels])
+        return out.astype(dtype) if dtype is not None else out
+
+
 @dataclass
 class CachedCase:
-    """One prepared case: memory-mapped arrays, opened lazily (cheap to pickle to workers)."""
+    """One prepared case: memory-mapped arrays, opened lazily (cheap to pickle to workers).
+
+    ``channels``: the channels a run uses (indices into the cached image's), None for all."""
 
     case_id: str
     folder: Path
+    channels: tuple[int, ...] | None = None
 
     def image(self) -> np.ndarray:
-        """``[C, X, Y, Z]`` float16/32, memory-mapped."""
+        """``[C, X, Y, Z]`` float16/32, memory-mapped (the run's channels: a view of one contiguous run of
+        channels, or a :class:`ChannelView` of others)."""
+        arr = self._image_file()
+        if self.channels is None or list(self.channels) == list(range(arr.shape[0])):
+            return arr
+        c = list(self.channels)
+        if c == list(range(c[0], c[0] + len(c))):
+            return arr[c[0]:c[0] + len(c)]  # a slice of a memmap is still a memmap
+        return ChannelView(arr, c)  # type: ignore[return-value]
+
+    def _image_file(self) -> np.ndarray:
         return np.load(self.folder / "image.npy", mmap_mode="r")
 
     def label(self) -> np.ndarray | None:
@@ -96,7 +129,7 @@ class CachedCase:
             sums = meta.get("checksums", {}) if isinstance(meta, dict) else None
             if not isinstance(sums, dict):
                 return "case.json is not a case description"
-            image = self.image()
+            image = self._image_file()  # every channel: the checksum is of the file
             if image.ndim != 4:
                 return f"image.npy holds a {image.ndim}D array, expected [C, X, Y, Z]"
             label = self.label()
@@ -140,8 +173,13 @@ class Cache:
                 out.append(cid)
         return out
 
-    def case(self, case_id: str) -> CachedCase:
-        return CachedCase(case_id, self.root / "cases" / case_id)
+    @property
+    def channel_names(self) -> list[str]:
+        """The names of the cached image's channels, as the dataset declares them (empty: undeclared)."""
+        return [str(m) for m in self.manifest.get("dataset", {}).get("modalities", []) or []]
+
+    def case(self, case_id: str, channels: Sequence[int] | None = None) -> CachedCase:
+        return CachedCase(case_id, self.root / "cases" / case_id, tuple(channels) if channels is not None else None)
 
     def split(self, fold: int = 0) -> tuple[list[str], list[str]]:
         p = self.root / "splits_final.json"

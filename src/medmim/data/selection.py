@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medmim.data.prepare import PrepareSettings, prepare_dataset
+from medmim.data.prepare import DEFAULT_SPACING, PrepareSettings, prepare_dataset
 from medmim.data.sampling import Cache, CachedCase, label_subset, open_cache
 from medmim.errors import MedmimError
 
@@ -42,7 +42,8 @@ def resolve_caches(data_cfg, log=print, is_main: bool = True, barrier=lambda: No
         if (p / "manifest.json").is_file():
             cache = open_cache(p)
             got = cache.manifest.get("settings", {})
-            if got.get("spacing") != list(data_cfg.spacing) or data_cfg.modality not in ("auto", got.get("modality")):
+            want = data_cfg.spacing or DEFAULT_SPACING.get(got.get("modality"))
+            if got.get("spacing") != list(want or []) or data_cfg.modality not in ("auto", got.get("modality")):
                 log(f"note: cache {p} was prepared at spacing {got.get('spacing')} mm, {got.get('modality')}; "
                     f"it is used as it is (data.spacing/data.modality apply to raw datasets)")
         else:
@@ -71,6 +72,43 @@ class RunCases:
     labels: dict[int, str]
     lateral_pairs: list[tuple[int, int]]
     channels: int
+    channel_names: list[str] | None = None  # the model's input channels by name (None: undeclared)
+    channel_index: list[int] | None = None  # the cached channels they are (None: all, in order)
+
+
+def select_channels(names: list[str], wanted: list | None, where: str) -> list[int] | None:
+    """Indices of ``wanted`` (``data.channels``: names, case-insensitive, or indices) among a dataset's
+    channel ``names``; None for all of them."""
+    if wanted is None:
+        return None
+    low = [n.lower() for n in names]
+    out = []
+    for w in wanted:
+        if isinstance(w, int) or (isinstance(w, str) and w.isdigit() and w.lower() not in low):
+            i = int(w)
+            if not 0 <= i < max(len(names), 1):
+                raise MedmimError(f"data.channels: channel {i} out of range; {where} has channels {names or ['(one, unnamed)']}")
+        elif str(w).lower() in low:
+            i = low.index(str(w).lower())
+        else:
+            raise MedmimError(f"data.channels: no channel named {w!r}; {where} has channels {names or ['(unnamed)']}")
+        if i in out:
+            raise MedmimError(f"data.channels: channel {w!r} given twice")
+        out.append(i)
+    return out or None
+
+
+def _selection(caches: list[Cache], wanted: list | None) -> tuple[list[list[int] | None], list[str] | None]:
+    """Per cache the channel indices of ``data.channels``, and the selected channels' names (None if any cache
+    leaves them undeclared or the caches disagree)."""
+    picks, named = [], []
+    for c in caches:
+        idx = select_channels(c.channel_names, wanted, str(c.root))
+        picks.append(idx)
+        names = c.channel_names
+        named.append([names[i] for i in idx] if names and idx is not None else (names or None))
+    same = all(n is not None and [x.lower() for x in n] == [x.lower() for x in named[0]] for n in named)
+    return picks, (named[0] if named and same else None)
 
 
 def _holdout(ids: list[str], seed: int, fraction: float = 0.1) -> list[str]:
@@ -81,24 +119,29 @@ def _holdout(ids: list[str], seed: int, fraction: float = 0.1) -> list[str]:
     return sorted(ids[i] for i in order[:k])
 
 
-def pretrain_cases(caches: list[Cache], fold: int, seed: int) -> RunCases:
-    """All cases but the validation ones: a fine-tuning fold's validation cases are never pretrained on."""
+def pretrain_cases(caches: list[Cache], fold: int, seed: int, channels: list | None = None) -> RunCases:
+    """All cases but the validation ones: a fine-tuning fold's validation cases are never pretrained on.
+    ``channels``: ``data.channels``, the channels to use (None: all)."""
+    picks, names = _selection(caches, channels)
     train, val = [], []
-    for cache in caches:
+    for cache, idx in zip(caches, picks):
         labeled = cache.case_ids(labeled=True)
         held = set(cache.split(fold)[1]) if len(labeled) >= 2 else set(_holdout(cache.case_ids(), seed))
         for cid in cache.case_ids():
-            (val if cid in held else train).append(cache.case(cid))
+            (val if cid in held else train).append(cache.case(cid, idx))
     if not train:
         raise MedmimError("no pretraining cases left after holding out the validation cases")
-    return RunCases(train, val, caches[0].labels, caches[0].lateral_pairs, _channels(caches))
+    return RunCases(train, val, caches[0].labels, caches[0].lateral_pairs, _channels(caches, picks), names, picks[0])
 
 
-def finetune_cases(caches: list[Cache], fold: int, label_fraction: float, seed: int) -> RunCases:
-    """The fold's labeled training cases (a nested ``label_fraction`` subset of them) and its validation cases."""
+def finetune_cases(caches: list[Cache], fold: int, label_fraction: float, seed: int,
+                   channels: list | None = None) -> RunCases:
+    """The fold's labeled training cases (a nested ``label_fraction`` subset of them) and its validation cases.
+    ``channels``: ``data.channels``, the channels to use (None: all)."""
+    picks, names = _selection(caches, channels)
     train, val = [], []
     labels, pairs = {}, []
-    for cache in caches:
+    for cache, idx in zip(caches, picks):
         if len(cache.case_ids(labeled=True)) < 2:
             continue
         tr, va = cache.split(fold)
@@ -106,17 +149,17 @@ def finetune_cases(caches: list[Cache], fold: int, label_fraction: float, seed: 
         tr = [c for c in tr if c in done]
         if tr:
             tr = label_subset(tr, label_fraction, seed=seed)
-        train += [cache.case(c) for c in tr]
-        val += [cache.case(c) for c in va if c in done]
+        train += [cache.case(c, idx) for c in tr]
+        val += [cache.case(c, idx) for c in va if c in done]
         labels = labels or cache.labels
         pairs = pairs or cache.lateral_pairs
     if not train:
         raise MedmimError("fine-tuning needs labeled cases: data.path holds fewer than 2 labeled cases")
-    return RunCases(train, val, labels, pairs, _channels(caches))
+    return RunCases(train, val, labels, pairs, _channels(caches, picks), names, picks[0])
 
 
-def _channels(caches: list[Cache]) -> int:
-    chans = {max(1, len(c.manifest.get("dataset", {}).get("modalities", []) or [""])) for c in caches}
+def _channels(caches: list[Cache], picks: list[list[int] | None]) -> int:
+    chans = {len(idx) if idx is not None else max(1, len(c.channel_names)) for c, idx in zip(caches, picks)}
     if len(chans) > 1:
         raise MedmimError(f"data.path mixes datasets with different channel counts {sorted(chans)}")
     return chans.pop()
@@ -127,7 +170,8 @@ def data_record(cases: RunCases, caches: list[Cache], finetune: bool) -> dict:
     the label names and lateral pairs, and for fine-tuning the preprocessing the data actually had
     (modality, spacing, HU window, from the caches' manifests), so that a checkpoint predicts with exactly that."""
     record: dict = {"labels": {int(k): v for k, v in cases.labels.items()},
-                    "lateral_pairs": [list(p) for p in cases.lateral_pairs]}
+                    "lateral_pairs": [list(p) for p in cases.lateral_pairs],
+                    "channel_names": cases.channel_names, "channel_index": cases.channel_index}
     if not finetune:
         return record
     folders = [c.folder.resolve() for c in cases.train + cases.val]

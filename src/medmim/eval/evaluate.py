@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medmim.data.datasets import Case, get_split, load_dataset
+from medmim.data.datasets import Case, get_split, load_dataset, read_case_label
 from medmim.data.io import IMAGE_SUFFIXES, read_image, write_nifti
 from medmim.errors import MedmimError
 from medmim.eval.inference import PredictOptions, Predictor
@@ -43,14 +43,20 @@ def cases_from_inputs(inputs: list[str]) -> list[Case]:
     return cases
 
 
-def predict_cases(predictor: Predictor, cases: list[Case], out: Path, log=print) -> dict[str, str]:
-    """Write ``out/CASE.nii.gz`` for each case; returns {case: error} for those that failed."""
+def predict_cases(predictor: Predictor, cases: list[Case], out: Path, log=print,
+                  probabilities: bool = False) -> dict[str, str]:
+    """Write ``out/CASE.nii.gz`` for each case (a BraTS region model's: a 0/1/2/4 label map), and with
+    ``probabilities`` ``out/CASE_probabilities.nii.gz`` ``[I, J, K, K']`` float32 (the regions' sigmoids TC, WT,
+    ET, or the classes' softmax); returns {case: error} for those that failed."""
     out.mkdir(parents=True, exist_ok=True)
     failed = {}
     for n, case in enumerate(cases, 1):
         try:
-            label, info = predictor.predict_case(case)
-            write_nifti(out / f"{case.case_id}.nii.gz", label, np.array(info["geometry"]["original_affine"]))
+            label, info = predictor.predict_case(case, probabilities=probabilities)
+            affine = np.array(info["geometry"]["original_affine"])
+            if probabilities:
+                write_nifti(out / f"{case.case_id}_probabilities.nii.gz", info.pop("probabilities"), affine)
+            write_nifti(out / f"{case.case_id}.nii.gz", label, affine)
             log(f"[{n}/{len(cases)}] {case.case_id}: {tuple(label.shape)} in {info['seconds']:.1f} s "
                 f"(inference {info['seconds_inference']:.1f} s)")
         except MedmimError as e:
@@ -102,9 +108,19 @@ def _reliance_section(ev: Evaluation, averaged: Evaluation, split: str) -> tuple
     return record, text
 
 
+def _scorer(regions: str | None, labels: dict[int, str]):
+    """score(case_id, pred, gt, spacing) -> the case's scores: per class, or per BraTS region."""
+    if regions:
+        from medmim.eval.metrics import score_regions
+
+        return score_regions
+    return lambda cid, pred, gt, spacing: score_case(cid, pred, gt, spacing, labels)
+
+
 def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | None = None,
              predictions: str | None = None, split: str = "val", options: PredictOptions | None = None,
-             n_overlays: int = 3, log=print, *, vit_features: str = "as-is", vit_reliance: bool = False) -> Evaluation:
+             n_overlays: int = 3, log=print, *, vit_features: str = "as-is", vit_reliance: bool = False,
+             regions: str | None = None) -> Evaluation:
     """Score a checkpoint (predicting each case) or a folder of predictions (``CASE.nii.gz``) against a dataset.
 
     Everything is computed in the original geometry with the true spacing. Writes ``metrics.csv``,
@@ -116,6 +132,9 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
     predicts each case both ways: the returned evaluation (and ``predictions/``) is the as-is one; the
     averaged predictions are scored too, and both mean Dice and their drop go to ``reliance.json`` and a
     section of ``metrics.md``.
+
+    ``regions="brats"`` scores BraTS's tumour regions (TC, WT, ET) of 0/1/2/4 label maps, as BraTS scores them
+    (:func:`~medmim.eval.metrics.score_regions`); a BraTS region checkpoint is scored so without asking.
     """
     if vit_features not in VIT_FEATURES:
         raise MedmimError(f"--vit-features must be one of {', '.join(VIT_FEATURES)}, got {vit_features!r}")
@@ -135,6 +154,11 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
 
         predictor = Predictor.from_checkpoint(checkpoint, options)
         cfg = predictor.cfg
+        if cfg.model.regions and regions not in (None, cfg.model.regions):
+            raise MedmimError(f"{checkpoint}: predicts {cfg.model.regions} regions, not --regions {regions}")
+        regions = regions or cfg.model.regions
+    if regions not in (None, "brats"):
+        raise MedmimError(f"--regions must be brats, got {regions!r}")
     if split == "all":
         ids = [c.case_id for c in ds.labeled]
     elif split == "val":
@@ -151,7 +175,7 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
     times = []
     for n, cid in enumerate(ids, 1):
         case = ds.case(cid)
-        gt_img = read_image(case.label)
+        gt_img = read_case_label(case)  # in BraTS numbering where the dataset numbers its tumour classes otherwise
         t0 = time.perf_counter()
         if predictor is not None:
             with vit_features_averaged(predictor.model) if vit_features == "mean" else contextlib.nullcontext():
@@ -166,14 +190,15 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
             pred = np.rint(pimg.array).astype(np.int64)
         times.append(time.perf_counter() - t0)
         gt = np.rint(gt_img.array).astype(np.int64)
-        scores = score_case(cid, pred, gt, gt_img.spacing, labels)
+        score = _scorer(regions, labels)
+        scores = score(cid, pred, gt, gt_img.spacing)
         ev.scores += scores
         mean = [s.dice for s in scores if s.status != "absent"]
         line = f"[{n}/{len(ids)}] {cid}: mean Dice {np.mean(mean) if mean else float('nan'):.4f}"
         if averaged is not None:  # the same case again, the ViT's features averaged (kept out of predictions/)
             with vit_features_averaged(predictor.model):
                 pred_avg, _ = predictor.predict_case(case)
-            scores_avg = score_case(cid, pred_avg, gt, gt_img.spacing, labels)
+            scores_avg = score(cid, pred_avg, gt, gt_img.spacing)
             averaged.scores += scores_avg
             mean_avg = [s.dice for s in scores_avg if s.status != "absent"]
             line += f" ({np.mean(mean_avg) if mean_avg else float('nan'):.4f} with the ViT's features averaged)"

@@ -72,8 +72,10 @@ class Predictor:
     """A UNETR rebuilt from a checkpoint alone, with the preprocessing it was trained with."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, options: PredictOptions | None = None,
-                 lateral_pairs: list[tuple[int, int]] | None = None):
+                 lateral_pairs: list[tuple[int, int]] | None = None, channel_index: list[int] | None = None):
         self.cfg = cfg
+        self.regions = cfg.model.regions
+        self.channel_index = channel_index  # the scan's channels the model takes (data.channels), None: all
         self.opt = options or PredictOptions()
         self.device = resolve_device(self.opt.device, setting="--device")
         self.stitch_device = torch.device(self.opt.stitch_device) if self.opt.stitch_device else self.device
@@ -95,14 +97,16 @@ class Predictor:
         if cfg.task != "finetune":
             raise MedmimError(f"{path}: a {cfg.task} checkpoint; predict needs a fine-tuned UNETR (medmim finetune)")
         model = model_from(ckpt, cfg)
-        return cls(model, cfg, options, [tuple(p) for p in (cfg.data.lateral_pairs or [])])
+        return cls(model, cfg, options, [tuple(p) for p in (cfg.data.lateral_pairs or [])],
+                   (ckpt.data or {}).get("channel_index"))
 
     def _autocast(self):
         return autocast("bf16" if self.opt.precision == "bf16" else "fp32", self.device)
 
     @torch.inference_mode()
     def probabilities(self, image: np.ndarray) -> torch.Tensor:
-        """image: [C, X, Y, Z] preprocessed -> softmax probabilities [K, X, Y, Z] (on the stitch device)."""
+        """image: [C, X, Y, Z] preprocessed -> softmax probabilities [K, X, Y, Z], or for a region model each
+        region's sigmoid [3, X, Y, Z] (on the stitch device)."""
         from monai.inferers import sliding_window_inference
 
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
@@ -120,7 +124,7 @@ class Predictor:
                 logits = sliding_window_inference(inp, roi, self.opt.sw_batch_size, self.model, overlap=self.opt.overlap,
                                                   mode="gaussian", sw_device=self.device, device=self.stitch_device,
                                                   roi_weight_map=self._window_weights)
-            return _softmax_(logits.float())[0]
+            return logits.float().sigmoid_()[0] if self.regions else _softmax_(logits.float())[0]
 
         probs = run(x)
         if self.opt.tta:
@@ -138,13 +142,32 @@ class Predictor:
             probs /= n
         return probs
 
-    def predict_case(self, case: Case) -> tuple[np.ndarray, dict]:
-        """A case's label map [I, J, K] uint8 on its original grid, and timing / geometry info."""
+    def predict_case(self, case: Case, probabilities: bool = False) -> tuple[np.ndarray, dict]:
+        """A case's label map [I, J, K] uint8 on its original grid (for a BraTS region model: 0/1/2/4), and
+        timing / geometry info; with ``probabilities``, ``info["probabilities"]`` holds the class (or region)
+        probabilities [I, J, K, K'] float32 on the original grid too."""
         t0 = time.perf_counter()
         prep = preprocess_case(Case(case.case_id, case.images, None), self.settings)
+        image = prep["image"]
+        if self.channel_index is not None:
+            if max(self.channel_index) >= image.shape[0]:
+                raise MedmimError(f"{case.images[0]}: has {image.shape[0]} channel(s); the model takes channels "
+                                  f"{self.channel_index} of its training data")
+            image = image[self.channel_index]
+        if image.shape[0] != self.cfg.model.in_channels:
+            raise MedmimError(f"{case.images[0]}: has {image.shape[0]} channel(s); the model takes "
+                              f"{self.cfg.model.in_channels}")
         t1 = time.perf_counter()
-        probs = self.probabilities(prep["image"])
-        label = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        probs = self.probabilities(image)
+        if self.regions:
+            from medmim.data.regions import regions_to_labels
+
+            label = regions_to_labels(probs)
+        else:
+            label = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        extra = {}
+        if probabilities:
+            extra["probabilities"] = np.moveaxis(to_original_grid(probs.cpu().numpy(), prep["geometry"], mode="bilinear"), 0, -1)
         del probs
         t2 = time.perf_counter()
         if self.opt.lcc:
@@ -152,5 +175,5 @@ class Predictor:
         out = to_original_grid(label, prep["geometry"], mode="nearest").astype(np.uint8)
         t3 = time.perf_counter()
         info = {"geometry": prep["geometry"], "seconds_preprocess": t1 - t0, "seconds_inference": t2 - t1,
-                "seconds_postprocess": t3 - t2, "seconds": t3 - t0}
+                "seconds_postprocess": t3 - t2, "seconds": t3 - t0, **extra}
         return out, info

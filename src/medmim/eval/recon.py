@@ -255,7 +255,7 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
     cache_dir = cfg.data.cache_dir if cfg.data.cache_dir and Path(cfg.data.cache_dir).is_dir() else None
     data_cfg = cfg.data.model_copy(update={"path": [str(p) for p in data_paths], "cache_dir": cache_dir})
     caches = resolve_caches(data_cfg, log=log)
-    run_cases = pretrain_cases(caches, cfg.data.fold, cfg.train.seed)
+    run_cases = pretrain_cases(caches, cfg.data.fold, cfg.train.seed, cfg.data.channels)
     if run_cases.channels != cfg.model.in_channels:
         raise MedmimError(f"{ckpt_path}: the model takes {cfg.model.in_channels} channel(s) but "
                           f"{', '.join(map(str, data_paths))} has {run_cases.channels}")

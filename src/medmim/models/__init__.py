@@ -81,14 +81,14 @@ def build_unetr(model_cfg: "ModelConfig") -> UNETR:
     ``model_cfg.pretrained`` is not read here: call
     ``transfer.load_pretrained(unetr, model_cfg.pretrained, partial=model_cfg.partial_load)`` and log its report.
     """
-    return UNETR(encoder=build_encoder(model_cfg), num_classes=model_cfg.num_classes,
+    return UNETR(encoder=build_encoder(model_cfg), num_classes=model_cfg.out_channels,
                  feature_size=model_cfg.feature_size)
 
 
 def build_segmenter(model_cfg: "ModelConfig") -> UNETR | LinearProbe:
     """The segmentation model of ``model_cfg.head``: UNETR, or the linear probe on the frozen ViT."""
     if model_cfg.head == "probe":
-        return LinearProbe(encoder=build_encoder(model_cfg), num_classes=model_cfg.num_classes)
+        return LinearProbe(encoder=build_encoder(model_cfg), num_classes=model_cfg.out_channels)
     return build_unetr(model_cfg)
 
 

@@ -63,6 +63,7 @@ class TransferReport:
     interpolated: list[str] = field(default_factory=list)
     expected: list[str] = field(default_factory=list)
     unused_encoder: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # tensors changed to fit: how (the input channels)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -88,6 +89,7 @@ class TransferReport:
                          f"{_compact(self.unused_encoder)}")
         if self.interpolated:
             lines.append(f"  interpolated: {', '.join(self.interpolated)}")
+        lines += [f"  adapted: {a}" for a in self.adapted]
         if self.ignored:
             lines.append(f"  ignored ({len(self.ignored)} checkpoint tensors): {_compact(self.ignored)}")
         lines += [f"  note: {note}" for note in self.notes]
@@ -314,6 +316,41 @@ def _source_grid(num_tokens: int, target_grid: Sequence[int], source_grid: Seque
                       "stores no config with model.img_size/model.patch_size")
 
 
+def _names(channels: Sequence[str] | None, n: int) -> str:
+    return str(list(channels)) if channels else f"{n} unnamed channel{'s' if n != 1 else ''}"
+
+
+def adapt_input_channels(weight: Tensor, target: int, source_channels: Sequence[str] | None,
+                         channels: Sequence[str] | None, source: str) -> tuple[Tensor, str | None]:
+    """The patch embedding's kernel ``weight`` ``[E, C_src, pd, ph, pw]`` made to take ``target`` channels.
+
+    * the same channels (or the same names in another order: the kernel's input channels are reordered to
+      match): no change, or the reordering, reported;
+    * one pretrained channel into ``target`` channels (a T1ce-pretrained encoder into a four-sequence UNETR):
+      the kernel is copied to every channel and divided by ``target``, so an input whose channels all equal the
+      pretraining sequence embeds exactly as in pretraining, and each sequence starts with an equal share;
+    * any other mismatch: refused, naming both channel lists.
+
+    Returns the kernel and a line for the report (None when nothing changed).
+    """
+    have = weight.shape[1]
+    low_src = [c.lower() for c in source_channels] if source_channels else None
+    low_tgt = [c.lower() for c in channels] if channels else None
+    if have == target:
+        if low_src and low_tgt and low_src != low_tgt and sorted(low_src) == sorted(low_tgt):
+            order = [low_src.index(c) for c in low_tgt]
+            return weight[:, order], (f"patch_embed.proj.weight: input channels reordered from {list(source_channels)} "
+                                      f"to {list(channels)}")
+        return weight, None
+    if have == 1:
+        line = (f"patch_embed.proj.weight: 1 -> {target} input channels ({_names(source_channels, 1)} -> "
+                f"{_names(channels, target)}): the pretrained kernel copied to each channel and divided by {target}")
+        return weight.repeat(1, target, *([1] * (weight.ndim - 2))) / target, line
+    raise MedmimError(f"{source}: the encoder was pretrained on {_names(source_channels, have)} but the model takes "
+                      f"{_names(channels, target)}; only a single-channel encoder can be adapted to more channels "
+                      "(choose the pretraining channels with data.channels)")
+
+
 def load_encoder(
     encoder: ViT3D,
     state: Mapping[str, Tensor],
@@ -322,6 +359,8 @@ def load_encoder(
     source: str = "checkpoint",
     source_grid: Sequence[int] | None = None,
     config: Mapping | None = None,
+    source_channels: Sequence[str] | None = None,
+    channels: Sequence[str] | None = None,
 ) -> TransferReport:
     """Load the encoder part of ``state`` into ``encoder``; return what was loaded, missing and ignored.
 
@@ -333,6 +372,8 @@ def load_encoder(
         source: a name for messages (the checkpoint path).
         source_grid, config: the pretraining token grid, or the config the checkpoint was made with, to
             interpolate a learnable position table when the fine-tuning grid differs.
+        source_channels, channels: the input channels' names in pretraining and in ``encoder`` (None: unnamed),
+            for :func:`adapt_input_channels`.
 
     Raises:
         MedmimError: an encoder tensor of the wrong shape; an encoder that would load only in part
@@ -373,6 +414,14 @@ def load_encoder(
             if old != encoder.grid:
                 value = interpolate_pos_embed(value, old, encoder.grid)
                 report.interpolated.append(f"pos_embed {list(old)} -> {list(encoder.grid)} (trilinear)")
+        if name == "patch_embed.proj.weight" and value.ndim == target.ndim and value.shape[0] == target.shape[0] \
+                and value.shape[2:] == target.shape[2:]:
+            value, line = adapt_input_channels(value, target.shape[1], source_channels, channels, source)
+            if line:
+                report.adapted.append(line)
+            elif source_channels and channels and [c.lower() for c in source_channels] != [c.lower() for c in channels]:
+                report.notes.append(f"pretrained on {list(source_channels)}, fine-tuned on {list(channels)}: "
+                                    "other channels, loaded as they are")
         if value.shape != target.shape:
             wrong.append(f"{key} {list(value.shape)} (model: {list(target.shape)})")
             continue
@@ -423,16 +472,21 @@ def load_pretrained(
     checkpoint: str | os.PathLike | Checkpoint | Mapping[str, Tensor],
     *,
     partial: bool = False,
+    channels: Sequence[str] | None = None,
 ) -> TransferReport:
     """Initialise the encoder of ``model`` (a UNETR, a pretrainer or a ViT3D) from a checkpoint.
 
     ``checkpoint`` is a path (``.safetensors`` or a torch file, read safely), a :class:`Checkpoint`, or a
-    state dict. See :func:`load_encoder` for what is reported and what raises.
+    state dict. ``channels``: the names of ``model``'s input channels (the checkpoint's own come from its data
+    record). See :func:`load_encoder` for what is reported and what raises.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
+    source_channels = None
     if isinstance(checkpoint, Checkpoint):
         state, config, source = checkpoint.state, checkpoint.config, checkpoint.source
+        source_channels = (checkpoint.data or {}).get("channel_names")
     else:
         state, config, source = checkpoint, None, "state dict"
-    return load_encoder(_find_encoder(model), state, partial=partial, source=source, config=config)
+    return load_encoder(_find_encoder(model), state, partial=partial, source=source, config=config,
+                        source_channels=source_channels, channels=channels)

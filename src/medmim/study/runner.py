@@ -91,15 +91,20 @@ class StudyRun:
         if ph is not None:
             marker = path / "dataset.json"
             desc = read_json(marker) if marker.is_file() else {}
-            if desc.get("medmim_phantom", {}).get("seed") == ph.seed and desc.get("numTraining") == ph.labeled:
+            made = desc.get("medmim_phantom", {})
+            if made.get("seed") == ph.seed and desc.get("numTraining") == ph.labeled \
+                    and made.get("kind", "abdomen") == ph.kind:
                 self.log(f"[data] phantom dataset in {path}: already there")
                 return path
             from medmim.data.phantom import write_phantom_dataset
+            from medmim.data.phantom_brain import write_brain_phantom_dataset
 
             t0 = time.perf_counter()
             kw = {k: v for k, v in (("shape", ph.shape), ("spacing", ph.spacing)) if v is not None}
-            self.log(f"[data] writing {ph.labeled} labeled + {ph.unlabeled} unlabeled phantom CTs to {path}")
-            write_phantom_dataset(path, labeled=ph.labeled, unlabeled=ph.unlabeled, seed=ph.seed, **kw)
+            what = "brain MRIs" if ph.kind == "brain" else "CTs"
+            self.log(f"[data] writing {ph.labeled} labeled + {ph.unlabeled} unlabeled phantom {what} to {path}")
+            write = write_brain_phantom_dataset if ph.kind == "brain" else write_phantom_dataset
+            write(path, labeled=ph.labeled, unlabeled=ph.unlabeled, seed=ph.seed, **kw)
             self.stage_seconds["phantom"] = time.perf_counter() - t0
         return path
 

@@ -52,8 +52,10 @@ class _Part(BaseModel):
 
 
 class PhantomSpec(_Part):
-    """Built-in phantom CTs written into the study folder (see ``medmim.data.phantom``)."""
+    """Built-in phantoms written into the study folder: abdominal CTs (``medmim.data.phantom``) or brain MRIs
+    with a glioma and BraTS labels (``kind: brain``, ``medmim.data.phantom_brain``)."""
 
+    kind: Literal["abdomen", "brain"] = "abdomen"
     labeled: int = 10
     unlabeled: int = 0
     seed: int = 0

@@ -84,12 +84,14 @@ class Trainer:
         seed_everything(t.seed + self.env.rank)
         caches = resolve_caches(cfg.data, self.log, self.env.main, self.env.barrier)
         if cfg.task == "pretrain":
-            self.cases = pretrain_cases(caches, cfg.data.fold, t.seed)
+            self.cases = pretrain_cases(caches, cfg.data.fold, t.seed, cfg.data.channels)
         else:
-            self.cases = finetune_cases(caches, cfg.data.fold, cfg.data.label_fraction, t.seed)
+            self.cases = finetune_cases(caches, cfg.data.fold, cfg.data.label_fraction, t.seed, cfg.data.channels)
         self.data_record = data_record(self.cases, caches, finetune=cfg.task == "finetune")
         if self.cases.channels != cfg.model.in_channels:
-            raise MedmimError(f"model.in_channels={cfg.model.in_channels} but the data has {self.cases.channels} channel(s)")
+            names = f" {self.cases.channel_names}" if self.cases.channel_names else ""
+            raise MedmimError(f"model.in_channels={cfg.model.in_channels} but the data has {self.cases.channels} "
+                              f"channel(s){names}{'' if cfg.data.channels else ' (choose some with data.channels)'}")
         self.task = task_for(cfg, self.cases, self.env.device, self.warn)
         self.model = self.task.build_model(self.log)
         if t.grad_checkpoint and hasattr(self.model, "set_grad_checkpointing"):

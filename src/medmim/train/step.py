@@ -101,8 +101,11 @@ def measure_step_seconds(cfg: Config, repeats: int = 2) -> float:
     dev = resolve_device(cfg.run.device)
     # the weights do not change the time; a study's dry run times cells whose pretraining has not run yet
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": None})})
-    n_cls = cfg.model.num_classes
-    cases = RunCases([], [], {c: str(c) for c in range(n_cls)}, [], cfg.model.in_channels)
+    if cfg.model.regions:
+        from medmim.data.regions import BRATS_LABEL_NAMES as labels
+    else:
+        labels = {c: str(c) for c in range(cfg.model.num_classes)}
+    cases = RunCases([], [], labels, [], cfg.model.in_channels)
     task = task_for(cfg, cases, dev)
     model = task.build_model(log=lambda s: None).to(dev).train()
     opt = make_optimizer(model, cfg, 1e-6)

@@ -47,10 +47,22 @@ def class_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.
     return dice[1:].numpy()
 
 
-def segmentation_loss() -> nn.Module:
-    """The fine-tuning loss: Dice + cross-entropy on softmax outputs against integer labels (the paper's)."""
+def region_dice(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Dice of each region channel of ``pred`` against ``target`` (``[R, ...]`` bool each); NaN where the target
+    region is empty (as :func:`class_dice`: MONAI's ``ignore_empty=True``)."""
+    p, t = pred.reshape(pred.shape[0], -1).float(), target.reshape(target.shape[0], -1).float()
+    inter, true, predicted = (p * t).sum(1), t.sum(1), p.sum(1)
+    dice = torch.where(true > 0, 2 * inter / (true + predicted), torch.full_like(inter, float("nan")))
+    return dice.cpu().numpy()
+
+
+def segmentation_loss(regions: str | None = None) -> nn.Module:
+    """The fine-tuning loss: Dice + cross-entropy on softmax outputs against integer labels (the paper's);
+    for regions, Dice + binary cross-entropy on each region's sigmoid (MIM-Med3D's and MONAI's BraTS recipe)."""
     from monai.losses import DiceCELoss
 
+    if regions:
+        return DiceCELoss(sigmoid=True)
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
@@ -214,22 +226,35 @@ class ContrastiveTask(Task):
 
 
 class SegmentationTask(Task):
-    """UNETR fine-tuning: DiceCE on labeled crops; sliding-window Dice on whole held-out volumes."""
+    """UNETR fine-tuning: DiceCE on labeled crops; sliding-window Dice on whole held-out volumes.
+
+    With ``model.regions=brats`` the outputs are BraTS's three overlapping regions (TC, WT, ET), each a
+    sigmoid: the label crops (0/1/2/4) become region masks with MONAI's conversion, and validation scores
+    each region (a voxel is in a region where its sigmoid exceeds 0.5)."""
 
     use_labels = True
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.loss_fn = segmentation_loss()
+        self.regions = self.cfg.model.regions
+        self.loss_fn = segmentation_loss(self.regions)
+        if self.regions and self.cases.labels and sorted(c for c in self.cases.labels if c) != [1, 2, 4]:
+            raise MedmimError(f"model.regions=brats needs BraTS labels (1 necrotic core, 2 oedema, 4 enhancing "
+                              f"tumour); the data declares {dict(sorted(self.cases.labels.items()))}")
         self.transfer = None  # the report of loading model.pretrained, once built
         self._window_weights: torch.Tensor | None = None  # sliding-window Gaussian, computed at the first validation
         self._val_volumes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # case folder -> (image, label)
         self._val_bytes = 0
 
     def describe(self) -> str:
-        return "finetune (UNETR)" if self.cfg.model.head == "unetr" else "finetune (linear probe on the frozen ViT)"
+        what = "UNETR" if self.cfg.model.head == "unetr" else "linear probe on the frozen ViT"
+        return f"finetune ({what}{', BraTS regions TC/WT/ET' if self.regions else ''})"
 
     def columns(self) -> list[str]:
+        if self.regions:
+            from medmim.data.regions import REGION_NAMES
+
+            return ["val_dice"] + [f"dice_{c}" for c in REGION_NAMES]
         return ["val_dice"] + [f"dice_{c}" for c in sorted(self.cases.labels) if c != 0]
 
     def build_model(self, log=print) -> nn.Module:
@@ -238,7 +263,8 @@ class SegmentationTask(Task):
 
         model = build_segmenter(self.cfg.model)
         if self.cfg.model.pretrained:
-            self.transfer = load_pretrained(model, self.cfg.model.pretrained, partial=self.cfg.model.partial_load)
+            self.transfer = load_pretrained(model, self.cfg.model.pretrained, partial=self.cfg.model.partial_load,
+                                            channels=self.cases.channel_names)
             log(self.transfer.summary())
         else:
             log("encoder: trained from scratch (model.pretrained not set): nothing loaded")
@@ -261,13 +287,38 @@ class SegmentationTask(Task):
 
     def synthetic_batch(self, n, generator) -> dict:
         batch = super().synthetic_batch(n, generator)
-        batch["label"] = torch.randint(0, self.cfg.model.num_classes, (n, 1, *self.cfg.data.roi_size), generator=generator)
+        shape = (n, 1, *self.cfg.data.roi_size)
+        if self.regions:  # BraTS label values 0/1/2/4
+            batch["label"] = torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, shape, generator=generator)]
+        else:
+            batch["label"] = torch.randint(0, self.cfg.model.num_classes, shape, generator=generator)
         return batch
 
     def forward(self, model, batch):
         x, y = self._to(batch["image"]), self._to(batch["label"]).long()
         logits = model(x)
-        return self.loss_fn(logits.float(), y), (x, y, logits)
+        target = y
+        if self.regions:
+            from medmim.data.regions import labels_to_regions
+
+            target = labels_to_regions(y).float()
+        return self.loss_fn(logits.float(), target), (x, y, logits)
+
+    def _scores(self, logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        """Per class (or region) Dice of one volume's ``logits`` [1, K, ...] against its label map ``y`` [1, ...]."""
+        if self.regions:
+            from medmim.data.regions import labels_to_regions
+
+            return region_dice(logits[0] > 0, labels_to_regions(y))  # sigmoid > 0.5 <=> logit > 0
+        return class_dice(logits.argmax(1), y, self.cfg.model.num_classes)
+
+    def label_map(self, logits: torch.Tensor) -> torch.Tensor:
+        """One crop's logits [K, ...] -> its label map [...] (BraTS values for regions)."""
+        if self.regions:
+            from medmim.data.regions import regions_to_labels
+
+            return torch.from_numpy(regions_to_labels(logits > 0))
+        return logits.argmax(0)
 
     def validate(self, model) -> dict:
         """Sliding-window inference over each whole validation volume; per class Dice (background excluded),
@@ -279,7 +330,7 @@ class SegmentationTask(Task):
         """
         from monai.inferers import sliding_window_inference
 
-        t, n_cls = self.cfg.train, self.cfg.model.num_classes
+        t = self.cfg.train
         roi = tuple(self.cfg.model.img_size)
         if self._window_weights is None:
             from monai.data.utils import compute_importance_map
@@ -294,7 +345,7 @@ class SegmentationTask(Task):
             with autocast(t.precision, self.device):
                 logits = sliding_window_inference(x, roi, t.sw_batch_size, model, overlap=t.sw_overlap, mode="gaussian",
                                                   roi_weight_map=self._window_weights)
-            per_case.append(class_dice(logits.argmax(1), y, n_cls))
+            per_case.append(self._scores(logits, y))
         if not per_case:
             return {"val_dice": float("nan")}
         with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -334,7 +385,7 @@ class SegmentationTask(Task):
         from medmim.preview import save_finetune_preview
 
         x, y, logits = out
-        save_finetune_preview(path, x[0, 0], y[0, 0], logits[0].argmax(0), self.cases.labels)
+        save_finetune_preview(path, x[0, 0], y[0, 0], self.label_map(logits[0].float()), self.cases.labels)
 
 
 def task_for(cfg: Config, cases: RunCases, device: torch.device, warn=print) -> Task:
