@@ -197,3 +197,42 @@ def test_a_tiny_brain_phantom_study_trains_regions_and_adapts_a_one_sequence_enc
     assert pred.array.shape == src.array.shape[:3] and np.abs(pred.affine - src.affine).max() < 1e-4
     assert set(np.unique(pred.array).astype(int)) <= {0, 1, 2, 4}
     assert read_image(tmp_path / "pred" / "brain_0000_probabilities.nii.gz").array.shape == (*src.array.shape[:3], 3)
+
+
+# --- the README's BraTS commands, on a BraTS 2021 folder ---------------------------------------
+
+def _brats_2021_folder(root: Path, n: int = 4) -> Path:
+    """``n`` brain phantoms written as BraTS 2021 case folders (one NIfTI per sequence, ``_seg`` labels)."""
+    from medmim.data.phantom_brain import make_brain_phantom
+
+    for i in range(n):
+        case = make_brain_phantom(100 + i, shape=(50, 60, 50), spacing=(3.0, 3.0, 3.0))
+        cid = f"BraTS2021_{i:05d}"
+        (root / cid).mkdir(parents=True)
+        for c, seq in enumerate(("t1", "t1ce", "t2", "flair")):
+            write_nifti(root / cid / f"{cid}_{seq}.nii.gz", case.image[c], case.affine)
+        write_nifti(root / cid / f"{cid}_seg.nii.gz", case.label, case.affine)
+    return root
+
+
+def test_from_a_brats_2021_folder_to_region_dice_with_the_readme_commands(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
+    monkeypatch.setenv("MEDMIM_CACHE", str(tmp_path / "cache"))
+    data = _brats_2021_folder(tmp_path / "BraTS2021_Training_Data")
+    assert main(["data", "check", str(data)]) == 0
+    run = tmp_path / "run"
+    tiny = ["data.spacing=6.0", "data.roi_size=16", "model.img_size=16", "model.feature_size=4", "model.hidden_size=32",
+            "model.num_layers=4", "model.num_heads=2", "model.mlp_dim=64", "train.max_steps=2", "train.val_every=2",
+            "data.num_workers=0", "data.prepare_workers=1", "data.batch_size=2"]
+    assert main(["finetune", "unetr-brats-cpu", f"data.path={data}", f"run.dir={run}"] + tiny) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "-c", str(run / "checkpoints" / "last.pt"), "-d", str(data), "-o", str(tmp_path / "ev")]) == 0
+    assert "mean Dice" in capsys.readouterr().out
+    md = (tmp_path / "ev" / "metrics.md").read_text(encoding="utf-8")
+    assert "| region |" in md and "WT (whole tumour)" in md and "scores Dice 1 and HD95 0 mm" in md
+    # predict takes a BraTS case folder as one case, and writes a BraTS label map on its grid
+    case = data / "BraTS2021_00001"
+    assert main(["predict", "-c", str(run / "checkpoints" / "last.pt"), "-o", str(tmp_path / "pred"), str(case)]) == 0
+    pred, src = read_image(tmp_path / "pred" / "BraTS2021_00001.nii.gz"), read_image(case / "BraTS2021_00001_t1.nii.gz")
+    assert pred.array.shape == src.array.shape and np.abs(pred.affine - src.affine).max() < 1e-4
+    assert set(np.unique(pred.array).astype(int)) <= {0, 1, 2, 4}

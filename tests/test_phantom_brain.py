@@ -142,7 +142,7 @@ def test_write_dataset_msd_layout(tmp_path):
     assert desc["modality"] == {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
     assert desc["modality"] == {str(k): v for k, v in BRATS_MODALITIES.items()}
     assert desc["labels"] == {"0": "background", "1": "necrotic tumour core", "2": "peritumoral oedema",
-                              "4": "enhancing tumour"}
+                              "4": "GD-enhancing tumour"}
     assert set(BRATS_LABELS) == {0, 1, 2, 4}
     assert desc["numTraining"] == 2 and desc["numTest"] == 1
     assert desc["training"] == [{"image": f"./imagesTr/brain_{i:04d}.nii.gz", "label": f"./labelsTr/brain_{i:04d}.nii.gz"}

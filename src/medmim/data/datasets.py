@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medmim.data.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, Image, read_image
+from medmim.data.regions import BRATS_LABEL_NAMES
 from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_json
 
@@ -374,7 +375,7 @@ def _read_folder(folder: Path) -> Dataset:
 # BraTS (2021 and other years): ROOT/<case>/<case>_{t1,t1ce,t2,flair}.nii.gz [+ <case>_seg.nii.gz]
 BRATS_SEQUENCES = ("t1", "t1ce", "t2", "flair")  # channel order
 BRATS_MODALITIES = ["T1", "T1ce", "T2", "FLAIR"]
-BRATS_LABELS = {0: "background", 1: "necrotic tumour core", 2: "peritumoral oedema", 4: "GD-enhancing tumour"}
+BRATS_LABELS = BRATS_LABEL_NAMES
 _BRATS_FILE = re.compile(r"^(.+)_(t1|t1ce|t2|flair|seg)(\.nii(?:\.gz)?)$", re.IGNORECASE)
 
 
@@ -387,7 +388,7 @@ def _is_nifti(f: Path) -> bool:
     return f.is_file() and not f.name.startswith(".") and f.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _looks_like_brats(folder: Path) -> bool:
+def looks_like_brats(folder: Path) -> bool:
     """Some sub-folder holds a file named like a BraTS sequence (``*_t1.nii.gz``, ``*_flair.nii`` ...)."""
     for d in _subfolders(folder):
         for f in d.iterdir():
@@ -407,40 +408,53 @@ def _read_brats(folder: Path) -> Dataset:
             raise MedmimError(f"{f}: an image beside BraTS case folders; each BraTS case keeps its files "
                               f"in its own folder (<case>/<case>_t1.nii.gz, ...)")
     for d in _subfolders(folder):
-        entries = [g for g in d.iterdir() if not g.name.startswith(".")]
-        if not entries:
-            raise MedmimError(f"{d}: empty case folder (expected {d.name}_t1.nii.gz, _t1ce, _t2, _flair)")
-        nifti = sorted(g for g in entries if _is_nifti(g))
-        if not nifti:
-            continue  # not a case folder (e.g. a cache or notes beside the data)
-        found: dict[str, Path] = {}
-        others: list[Path] = []
-        for g in nifti:
-            m = _BRATS_FILE.match(g.name)
-            if not m:
-                continue
-            if m.group(1) != d.name:
-                others.append(g)
-                continue
-            seq = m.group(2).lower()
-            if seq in found:
-                raise MedmimError(f"{g}: a second {seq} file in case folder '{d.name}' (also {found[seq].name})")
-            found[seq] = g
-        missing = [s for s in BRATS_SEQUENCES if s not in found]
-        if missing and not found and others:
-            raise MedmimError(f"{others[0]}: its prefix differs from its case folder's name '{d.name}'; BraTS files "
-                              f"are named <case folder>_<sequence>.nii.gz (e.g. {d.name}_t1.nii.gz)")
-        if missing:
-            ext = _BRATS_FILE.match(next(iter(found.values())).name).group(3) if found else ".nii.gz"
-            names = ", ".join(f"{d.name}_{s}{ext}" for s in missing)
-            raise MedmimError(f"{d}: case '{d.name}' lacks the {'/'.join(missing)} sequence"
-                              f"{'s' if len(missing) > 1 else ''} ({names})")
-        images = [found[s] for s in BRATS_SEQUENCES]
-        case = Case(d.name, images, found.get("seg"))
-        (ds.labeled if case.labeled else ds.unlabeled).append(case)
+        case = brats_case(d)
+        if case is not None:
+            (ds.labeled if case.labeled else ds.unlabeled).append(case)
     if not ds.cases:
         raise MedmimError(f"{folder}: no BraTS case folders found (<case>/<case>_t1.nii.gz, _t1ce, _t2, _flair)")
     return ds
+
+
+def is_brats_case_folder(d: Path) -> bool:
+    """``d`` holds a BraTS case's own files (``<d.name>_t1.nii.gz`` ...)."""
+    return d.is_dir() and any((m := _BRATS_FILE.match(f.name)) and m.group(1) == d.name and _is_nifti(f)
+                              for f in d.iterdir())
+
+
+def brats_case(d: Path) -> Case | None:
+    """The case of one BraTS case folder (T1, T1ce, T2, FLAIR and the ``_seg`` label if there); None if ``d``
+    holds no NIfTI at all (notes, a cache beside the data). A missing sequence names the file it expected."""
+    entries = [g for g in d.iterdir() if not g.name.startswith(".")]
+    if not entries:
+        raise MedmimError(f"{d}: empty case folder (expected {d.name}_t1.nii.gz, _t1ce, _t2, _flair)")
+    nifti = sorted(g for g in entries if _is_nifti(g))
+    if not nifti:
+        return None
+    found: dict[str, Path] = {}
+    others: list[Path] = []
+    for g in nifti:
+        m = _BRATS_FILE.match(g.name)
+        if not m:
+            continue
+        if m.group(1) != d.name:
+            others.append(g)
+            continue
+        seq = m.group(2).lower()
+        if seq in found:
+            raise MedmimError(f"{g}: a second {seq} file in case folder '{d.name}' (also {found[seq].name})")
+        found[seq] = g
+    missing = [s for s in BRATS_SEQUENCES if s not in found]
+    if missing and not found and others:
+        raise MedmimError(f"{others[0]}: its prefix differs from its case folder's name '{d.name}'; BraTS files "
+                          f"are named <case folder>_<sequence>.nii.gz (e.g. {d.name}_t1.nii.gz)")
+    if missing:
+        ext = _BRATS_FILE.match(next(iter(found.values())).name).group(3) if found else ".nii.gz"
+        names = ", ".join(f"{d.name}_{s}{ext}" for s in missing)
+        raise MedmimError(f"{d}: case '{d.name}' lacks the {'/'.join(missing)} sequence"
+                          f"{'s' if len(missing) > 1 else ''} ({names})")
+    images = [found[s] for s in BRATS_SEQUENCES]
+    return Case(d.name, images, found.get("seg"))
 
 
 def _to_brats_numbering(ds: Dataset) -> Dataset:
@@ -531,7 +545,7 @@ def _load_any(path: Path) -> Dataset:
     else:
         desc = path / "dataset.json"
         if not desc.is_file():
-            if _looks_like_brats(path):
+            if looks_like_brats(path):
                 return _read_brats(path)
             return _read_folder(path)
     data = _read_json(desc)

@@ -35,13 +35,12 @@ import numpy as np
 from scipy import ndimage
 
 from medmim.data.phantom import _affine, _check_seed, write_cases
+from medmim.data.regions import BRATS_LABEL_NAMES, ED, ET, NCR
 from medmim.data.phantom import _check_geometry as _check_phantom_geometry
 from medmim.fileio import atomic_write_text
 
-BRATS_LABELS: dict[int, str] = {0: "background", 1: "necrotic tumour core", 2: "peritumoral oedema",
-                                4: "enhancing tumour"}
+BRATS_LABELS: dict[int, str] = BRATS_LABEL_NAMES
 BRATS_MODALITIES: dict[int, str] = {0: "T1", 1: "T1ce", 2: "T2", 3: "FLAIR"}
-NCR, ED, ET = 1, 2, 4  # BraTS label values
 DEFAULT_SHAPE = (160, 192, 160)  # voxels along i, j, k: 4.9 million
 DEFAULT_SPACING = (1.0, 1.0, 1.0)  # mm; BraTS is resampled to 1 mm isotropic
 # smallest field of view (mm along i, j, k) that holds the whole brain

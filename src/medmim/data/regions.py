@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 NCR, ED, ET = 1, 2, 4  # BraTS label values
 BRATS_LABEL_NAMES: dict[int, str] = {0: "background", NCR: "necrotic tumour core", ED: "peritumoral oedema",
-                                     ET: "enhancing tumour"}
+                                     ET: "GD-enhancing tumour"}
 # (short name, long name, BraTS label values inside), in MONAI's channel order
 BRATS_REGIONS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("TC", "tumour core", (NCR, ET)),

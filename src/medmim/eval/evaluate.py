@@ -19,14 +19,22 @@ from medmim.fileio import atomic_write_text
 
 
 def cases_from_inputs(inputs: list[str]) -> list[Case]:
-    """Files, DICOM series folders, or datasets (every case, labeled or not) -> cases to predict."""
+    """Files, DICOM series folders, BraTS case folders, or datasets (every case, labeled or not) -> cases to
+    predict."""
+    from medmim.data.datasets import brats_case, is_brats_case_folder, looks_like_brats
+
     cases: list[Case] = []
     for raw in inputs:
         p = Path(raw)
         if not p.exists():
             raise MedmimError(f"{p}: no such file or folder")
+        if is_brats_case_folder(p):  # one case's four sequences (and maybe its _seg)
+            case = brats_case(p)
+            cases.append(Case(case.case_id, case.images))
+            continue
         is_dataset = p.is_file() and p.suffix == ".json" or p.is_dir() and (
-            (p / "dataset.json").is_file() or any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in p.iterdir()))
+            (p / "dataset.json").is_file() or looks_like_brats(p)
+            or any(f.name.lower().endswith(IMAGE_SUFFIXES) for f in p.iterdir()))
         if is_dataset:
             cases += [Case(c.case_id, c.images) for c in load_dataset(p).cases]
         else:
