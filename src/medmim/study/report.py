@@ -68,6 +68,14 @@ def _speedup_cell(r: GroupRow, which: str) -> str:
     return txt + (f" ({s.never_reached}/{r.seeds} never reached)" if s.never_reached else "")
 
 
+def _are_regions(names) -> bool:
+    """Whether per-class names are BraTS's regions (TC, WT, ET) rather than organs."""
+    from medmim.data.regions import REGION_NAMES
+
+    names = list(names)
+    return bool(names) and set(names) <= set(REGION_NAMES.values())
+
+
 def summary_markdown(spec: Spec, rows: list[GroupRow], organs: bool = True) -> str:
     """The table of groups, their per-organ Dice (``organs``), and notes on what they show (summary.md)."""
     refs = [(which, group_name(ref)) for which, ref in spec.references.items()]  # a spec may name neither
@@ -86,7 +94,8 @@ def summary_markdown(spec: Spec, rows: list[GroupRow], organs: bool = True) -> s
                 organ_ids.append(c)
     if organ_ids and organs:
         names = {c: rows[0].organs.get(c, (c,))[0] for c in organ_ids}
-        lines += ["", "Per-organ held-out Dice (mean over seeds):", "",
+        what = "region" if _are_regions(names.values()) else "organ"
+        lines += ["", f"Per-{what} held-out Dice (mean over seeds):", "",
                   "| group | " + " | ".join(names[c] for c in organ_ids) + " |",
                   "|---|" + "---:|" * len(organ_ids)]
         for r in rows:
@@ -158,7 +167,8 @@ def plot_curves(path: Path, cells: list[CellResult], spec: Spec) -> Path:
         ax.plot(steps, vals, color=c, alpha=0.9 if len(spec.seeds) == 1 else 0.6,
                 label=r.run.group if r.run.seed == spec.seeds[0] else None)
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("validation mean Dice (13 organs)")
+    names = [d.get("name") for r in cells for d in ((r.run.evaluation or {}).get("per_class") or {}).values()]
+    ax.set_ylabel("validation mean Dice (TC, WT, ET)" if _are_regions(names) else "validation mean Dice (over classes)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
