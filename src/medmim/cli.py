@@ -319,9 +319,10 @@ def evaluate_recon(checkpoint: Path, data_paths: tuple[Path, ...], out: Path, cr
 
 @cli.command("export")
 @click.option("--checkpoint", "-c", required=True, type=click.Path(path_type=Path), help="A medmim checkpoint (.pt or .safetensors).")
-@click.option("--format", "fmt", type=click.Choice(["monai", "safetensors"]), required=True,
-              help="monai: the encoder as a state dict for monai.networks.nets.ViT / UNETR.vit; "
-                   "safetensors: all weights with their config.")
+@click.option("--format", "fmt", type=click.Choice(["monai", "model_swinvit", "safetensors"]), required=True,
+              help="monai: the encoder as a state dict for monai.networks.nets.ViT / UNETR.vit (a Swin: for "
+                   "SwinUNETR.swinViT); model_swinvit: a Swin encoder in the layout of MONAI's self-supervised Swin "
+                   "UNETR weights, for SwinUNETR.load_from; safetensors: all weights with their config.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
 def export(checkpoint: Path, fmt: str, out: Path) -> None:
     """Write a checkpoint's weights for use elsewhere."""
@@ -335,11 +336,30 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
         save_weights(out, ckpt.state, config=ckpt.config, data=ckpt.data)
         click.echo(f"wrote {len(ckpt.state)} tensors and the config to {out}")
         return
-    state = encoder_to_monai_vit(ckpt.state)
-    atomic_write(out, lambda tmp: torch.save(state, tmp))
-    click.echo(f"wrote the encoder ({len(state)} tensors) to {out}")
     m = (ckpt.config or {}).get("model")
-    if m:
+    swin = (m or {}).get("backbone") == "swin"
+    if fmt == "model_swinvit" and not swin:
+        raise MedmimError(f"{checkpoint}: --format model_swinvit is for a Swin encoder; this checkpoint's is a ViT "
+                          "(use --format monai)")
+    if swin:
+        from medmim.models.swin_transfer import swin_encoder_to_model_swinvit, swin_encoder_to_monai
+
+        state = swin_encoder_to_monai(ckpt.state) if fmt == "monai" else swin_encoder_to_model_swinvit(ckpt.state)
+    else:
+        state = encoder_to_monai_vit(ckpt.state)
+    atomic_write(out, lambda tmp: torch.save(state, tmp))
+    n = len(state.get("state_dict", state))
+    click.echo(f"wrote the encoder ({n} tensors) to {out}")
+    if swin:
+        s = m.get("swin", {})
+        made = (f"monai.networks.nets.SwinUNETR(in_channels={m['in_channels']}, out_channels=K, "
+                f"feature_size={m['feature_size']}, patch_size={tuple(s.get('patch_size', (2,)))[0]}, "
+                f"depths={tuple(s.get('depths', ()))}, num_heads={tuple(s.get('num_heads', ()))}, "
+                f"window_size={tuple(s.get('window_size', ()))}, use_v2={s.get('use_v2', False)})")
+        how = (".swinViT.load_state_dict(torch.load(FILE), strict=True)" if fmt == "monai"
+               else ".load_from(torch.load(FILE))")
+        click.echo(f"load it with: {made}{how}")
+    elif m:
         click.echo(
             "load it with: monai.networks.nets.ViT(in_channels={in_channels}, img_size={img}, patch_size={patch}, "
             "hidden_size={hidden_size}, mlp_dim={mlp_dim}, num_layers={num_layers}, num_heads={num_heads}, "

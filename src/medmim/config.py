@@ -101,8 +101,33 @@ class DataConfig(_Section):
         return v
 
 
+class SwinConfig(_Section):
+    """``model.swin``: MONAI's 3D Swin transformer (SwinUNETR's encoder), used with ``model.backbone=swin``.
+    Its embedding width is ``model.feature_size`` (48 in Swin UNETR's paper setting), doubling per stage."""
+
+    patch_size: Triple = (2, 2, 2)
+    depths: tuple[int, ...] = (2, 2, 2, 2)  # blocks per stage
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)  # attention heads per stage
+    window_size: Triple = (7, 7, 7)
+    mlp_ratio: float = Field(4.0, gt=0)
+    use_v2: bool = False  # SwinUNETR-v2's residual convolution before each stage
+
+    _norm = field_validator("patch_size", "window_size", mode="before")(_triple)
+
+    @model_validator(mode="after")
+    def _stages(self) -> "SwinConfig":
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise ValueError(f"model.swin.depths {list(self.depths)} and num_heads {list(self.num_heads)} must name "
+                             "four stages each (MONAI's Swin transformer and Swin UNETR's decoder have four)")
+        return self
+
+
 class ModelConfig(_Section):
-    """The ViT encoder (shared by every pretrainer and by UNETR) and the UNETR head."""
+    """The encoder (a ViT shared by every pretrainer and by UNETR, or a Swin transformer for SimMIM and
+    Swin UNETR) and the segmentation head."""
+
+    backbone: Literal["vit", "swin"] = "vit"
+    swin: SwinConfig = Field(default_factory=SwinConfig)
 
     in_channels: int = Field(1, ge=1)
     img_size: Triple = (96, 96, 96)
@@ -121,11 +146,16 @@ class ModelConfig(_Section):
     # brats: BraTS's overlapping tumour regions (TC, WT, ET) as three sigmoid outputs, trained with a sigmoid
     # DiceCE loss, from BraTS label maps (0/1/2/4); None: num_classes exclusive classes (softmax)
     regions: Literal["brats"] | None = None
-    feature_size: int = Field(16, ge=1)  # UNETR
+    feature_size: int = Field(16, ge=1)  # UNETR's decoder width; Swin: the embedding width, and Swin UNETR's decoder
     pretrained: str | None = None  # checkpoint to initialise the encoder from (fine-tuning)
     partial_load: bool = False  # allow an encoder that loads only in part (reported either way)
 
     _norm = field_validator("img_size", "patch_size", mode="before")(_triple)
+
+    @property
+    def token_patch(self) -> Triple:
+        """Voxels per token of the encoder: the ViT's ``patch_size`` or the Swin transformer's."""
+        return self.swin.patch_size if self.backbone == "swin" else self.patch_size
 
     @property
     def out_channels(self) -> int:
@@ -136,6 +166,15 @@ class ModelConfig(_Section):
     def _consistent(self) -> "ModelConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.backbone == "swin":
+            # every stage but the first halves the grid: the image must divide by patch x 2^stages
+            stride = [p * 2 ** len(self.swin.depths) for p in self.swin.patch_size]
+            if any(s % k for s, k in zip(self.img_size, stride)):
+                raise ValueError(f"img_size {list(self.img_size)} must be a multiple of {stride} for the Swin "
+                                 f"transformer (model.swin.patch_size x 2^{len(self.swin.depths)} stages)")
+            if self.head != "unetr":
+                raise ValueError("model.head=probe is built for the ViT only; use model.backbone=vit")
+            return self
         for n, (s, p) in enumerate(zip(self.img_size, self.patch_size)):
             if p <= 0 or s % p:
                 raise ValueError(f"img_size {list(self.img_size)} must be a multiple of patch_size {list(self.patch_size)} on axis {n}")
@@ -293,14 +332,27 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _mask_fits(self) -> "Config":
+        swin = self.model.backbone == "swin"
+        m = self.model
+        if swin and self.task == "finetune" and any(s < 2 * p * 16 for s, p in zip(m.img_size, m.swin.patch_size)):
+            # Swin UNETR's bottleneck instance-normalises the last stage: it needs more than one voxel there
+            raise ValueError(f"model.img_size {list(m.img_size)}: Swin UNETR needs at least two voxels at its last "
+                             f"stage, i.e. {[2 * p * 16 for p in m.swin.patch_size]}")
+        if swin and self.task == "pretrain" and self.pretrain.method != "simmim":
+            why = ("MAE's encoder sees only the visible tokens, which a windowed transformer cannot: its windows "
+                   "and patch merging need the whole grid" if self.pretrain.method == "mae"
+                   else "contrastive pretraining is built for the ViT only")
+            raise ValueError(f"pretrain.method={self.pretrain.method} does not work with model.backbone=swin ({why}); "
+                             "use pretrain.method=simmim")
         if self.pretrain.method == "simclr":
             return self
         name = f"pretrain.{self.pretrain.method}.mask_patch_size"
-        mask = self.pretrain.settings.mask_patch_size or self.model.patch_size
-        for n, (m, p) in enumerate(zip(mask, self.model.patch_size)):
+        patch = self.model.token_patch
+        where = "model.swin.patch_size" if swin else "model.patch_size"
+        mask = self.pretrain.settings.mask_patch_size or patch
+        for n, (m, p) in enumerate(zip(mask, patch)):
             if m % p:
-                raise ValueError(f"{name} {list(mask)} must be a multiple of model.patch_size "
-                                 f"{list(self.model.patch_size)} (axis {n})")
+                raise ValueError(f"{name} {list(mask)} must be a multiple of {where} {list(patch)} (axis {n})")
         for n, (s, m) in enumerate(zip(self.model.img_size, mask)):
             if self.task == "pretrain" and s % m:
                 raise ValueError(f"model.img_size {list(self.model.img_size)} must be a multiple of {name} "

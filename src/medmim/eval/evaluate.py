@@ -162,6 +162,8 @@ def evaluate(data: str | os.PathLike, out: str | os.PathLike, checkpoint: str | 
 
         predictor = Predictor.from_checkpoint(checkpoint, options)
         cfg = predictor.cfg
+        if cfg.model.backbone != "vit" and (vit_reliance or vit_features != "as-is"):
+            raise MedmimError(f"{checkpoint}: a Swin UNETR; --vit-reliance and --vit-features are for UNETR's ViT")
         if cfg.model.regions and regions not in (None, cfg.model.regions):
             raise MedmimError(f"{checkpoint}: predicts {cfg.model.regions} regions, not --regions {regions}")
         regions = regions or cfg.model.regions

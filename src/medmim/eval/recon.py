@@ -278,9 +278,9 @@ def reconstruction_report(checkpoint: str | Path, data_paths: Sequence[str | Pat
     names = _case_names(cases)
 
     roi = tuple(int(s) for s in cfg.data.roi_size)
-    patch = tuple(int(p) for p in cfg.model.patch_size)
+    patch = tuple(int(p) for p in cfg.model.token_patch)  # voxels per token: the ViT's patch or the Swin's
     if any(r % p for r, p in zip(roi, patch)):
-        raise MedmimError(f"{ckpt_path}: data.roi_size {list(roi)} is not a multiple of model.patch_size {list(patch)}")
+        raise MedmimError(f"{ckpt_path}: data.roi_size {list(roi)} is not a multiple of the encoder's patch {list(patch)}")
     grid = tuple(r // p for r, p in zip(roi, patch))
     mim = cfg.pretrain.settings  # the method's masking and loss
     norm_pix = bool(mim.norm_pix_loss)

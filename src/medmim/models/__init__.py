@@ -7,7 +7,7 @@ the typed config (:mod:`medmim.config`). Models know nothing of files or the CLI
     encoder = build_encoder(cfg.model)          # ViT3D
     pretrainer = build_pretrainer(cfg)          # MAE3D | SimMIM3D | SimCLR3D, per cfg.pretrain.method
     unetr = build_unetr(cfg.model)              # UNETR (weights: transfer.load_pretrained)
-    segmenter = build_segmenter(cfg.model)      # UNETR or LinearProbe, per cfg.model.head
+    segmenter = build_segmenter(cfg.model)      # UNETR or LinearProbe, per cfg.model.head; SwinUNETR for Swin
 """
 
 from __future__ import annotations
@@ -67,10 +67,15 @@ def build_encoder(model_cfg: "ModelConfig") -> ViT3D:
     )
 
 
-def build_pretrainer(cfg: "Config") -> MAE3D | SimMIM3D | SimCLR3D:
+def build_pretrainer(cfg: "Config") -> nn.Module:
     """The pretrainer of ``cfg.pretrain.method`` on the encoder of ``cfg.model``, with that method's settings
-    (``cfg.pretrain.mae``, ``.simmim`` or ``.simclr``)."""
+    (``cfg.pretrain.mae``, ``.simmim`` or ``.simclr``): MAE3D, SimMIM3D or SimCLR3D on the ViT, SwinSimMIM3D on
+    the Swin transformer (the config refuses the other methods there)."""
     method, settings = cfg.pretrain.method, cfg.pretrain.settings.model_dump()
+    if cfg.model.backbone == "swin":
+        from medmim.models.swin import SwinSimMIM3D, build_swin_encoder
+
+        return SwinSimMIM3D(encoder=build_swin_encoder(cfg.model), **settings)
     encoder = build_encoder(cfg.model)
     return PRETRAINERS[method](encoder=encoder, **settings)
 
@@ -85,8 +90,13 @@ def build_unetr(model_cfg: "ModelConfig") -> UNETR:
                  feature_size=model_cfg.feature_size)
 
 
-def build_segmenter(model_cfg: "ModelConfig") -> UNETR | LinearProbe:
-    """The segmentation model of ``model_cfg.head``: UNETR, or the linear probe on the frozen ViT."""
+def build_segmenter(model_cfg: "ModelConfig") -> nn.Module:
+    """The segmentation model: UNETR, or the linear probe on the frozen ViT (``model_cfg.head``); MONAI's Swin
+    UNETR for ``backbone=swin``."""
+    if model_cfg.backbone == "swin":
+        from medmim.models.swin_unetr import build_swin_unetr
+
+        return build_swin_unetr(model_cfg)
     if model_cfg.head == "probe":
         return LinearProbe(encoder=build_encoder(model_cfg), num_classes=model_cfg.out_channels)
     return build_unetr(model_cfg)

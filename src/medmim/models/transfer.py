@@ -488,5 +488,21 @@ def load_pretrained(
         source_channels = (checkpoint.data or {}).get("channel_names")
     else:
         state, config, source = checkpoint, None, "state dict"
+    swin = _find_swin(model)
+    if swin is not None:  # Swin UNETR (or a SimMIM-Swin): the Swin transformer's own transfer
+        from medmim.models.swin_transfer import load_swin_encoder
+
+        return load_swin_encoder(swin, state, partial=partial, source=source, source_channels=source_channels,
+                                 channels=channels)
     return load_encoder(_find_encoder(model), state, partial=partial, source=source, config=config,
                         source_channels=source_channels, channels=channels)
+
+
+def _find_swin(model: nn.Module) -> nn.Module | None:
+    """The MONAI Swin transformer of a Swin UNETR (``swinViT``), a SimMIM-Swin (``encoder``) or itself; None."""
+    from monai.networks.nets.swin_unetr import SwinTransformer
+
+    for m in (model, getattr(model, "swinViT", None), getattr(model, "encoder", None)):
+        if isinstance(m, SwinTransformer):
+            return m
+    return None

@@ -21,12 +21,15 @@ from medmim.train.tasks import Task, task_for
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name
+    # Swin's relative position bias tables are position embeddings too (Swin and SimMIM leave them undecayed)
+    return (p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name
+            or "relative_position_bias_table" in name)
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float,
                  lr_scale: Callable[[str], tuple[float, bool]] | None = None) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and mask tokens (as in MAE).
+    """No weight decay on biases, norms, position embeddings (Swin's relative position tables too) and mask
+    tokens (as in MAE).
 
     ``lr_scale(name) -> (factor, is_encoder)`` (a task's fine-tuning recipe) splits the groups further: each
     gets ``lr * factor`` and says whether it is the encoder's (held still while the decoder warms up).

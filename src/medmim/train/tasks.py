@@ -154,7 +154,8 @@ class MaskedImageTask(Task):
     """MAE and SimMIM: masked crops in, reconstruction loss on the masked voxels out."""
 
     def describe(self) -> str:
-        return f"pretrain ({self.cfg.pretrain.method})"
+        on = " on the Swin transformer" if self.cfg.model.backbone == "swin" else ""
+        return f"pretrain ({self.cfg.pretrain.method}{on})"
 
     def build_model(self, log=print) -> nn.Module:
         from medmim.models import build_pretrainer
@@ -248,6 +249,7 @@ class SegmentationTask(Task):
 
     def describe(self) -> str:
         what = "UNETR" if self.cfg.model.head == "unetr" else "linear probe on the frozen ViT"
+        what = "Swin UNETR" if self.cfg.model.backbone == "swin" else what
         return f"finetune ({what}{', BraTS regions TC/WT/ET' if self.regions else ''})"
 
     def columns(self) -> list[str]:
@@ -274,12 +276,17 @@ class SegmentationTask(Task):
         """MAE's fine-tuning recipe: ``train.layer_decay`` per ViT layer (the patch embedding lowest, the last
         block next to the decoder, the decoder and head at the full rate) and the ViT's groups marked, so
         that ``train.freeze_encoder_steps`` holds them still while the decoder warms up."""
+        from medmim.models.swin_unetr import swin_unetr_layer_id
         from medmim.models.unetr import unetr_layer_id
 
-        t, top = self.cfg.train, self.cfg.model.num_layers + 1
+        t, m = self.cfg.train, self.cfg.model
         if t.layer_decay is None and not t.freeze_encoder_steps:
             return None
         decay = t.layer_decay or 1.0
+        if m.backbone == "swin":  # over the Swin transformer's stages
+            top = len(m.swin.depths) + 1
+            return lambda name: (decay ** (top - swin_unetr_layer_id(name, top - 1)), name.startswith("swinViT."))
+        top = m.num_layers + 1
         return lambda name: (decay ** (top - unetr_layer_id(name, top - 1)), name.startswith("vit."))
 
     def transform(self):
