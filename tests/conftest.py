@@ -83,3 +83,16 @@ def nnunet(tmp_path: Path) -> Path:
             "numTraining": 3, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(desc), encoding="utf-8")
     return root
+
+
+def run_study(spec_text: str, folder: Path, capsys) -> tuple[Path, str, dict]:
+    """Write a study spec into ``folder``, run it there (MEDMIM_NO_PROGRESS set by the caller) and return the
+    output folder, the log and results.json."""
+    from medmim.cli import main
+
+    name = next(line.split(":", 1)[1].strip() for line in spec_text.splitlines() if line.startswith("name:"))
+    spec = folder / f"{name}.yaml"
+    spec.write_text(spec_text, encoding="utf-8")
+    out = folder / "study"
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    return out, capsys.readouterr().out, json.loads((out / "results.json").read_text(encoding="utf-8"))

@@ -3,7 +3,6 @@ and a tiny brain-phantom study end to end."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from medmim.errors import MedmimError
 from medmim.eval.inference import Predictor
 from medmim.models.transfer import load_encoder
 from medmim.models.vit import ViT3D
+from tests.conftest import run_study
 
 
 # --- regions ---------------------------------------------------------------------------------
@@ -174,14 +174,9 @@ baseline: {method: scratch}
 def test_a_tiny_brain_phantom_study_trains_regions_and_adapts_a_one_sequence_encoder(tmp_path: Path, capsys,
                                                                                      monkeypatch) -> None:
     monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
-    spec = tmp_path / "tiny-brain.yaml"
-    spec.write_text(TINY_BRAIN, encoding="utf-8")
-    out = tmp_path / "study"
-    assert main(["study", str(spec), "--out", str(out)]) == 0
-    log = capsys.readouterr().out
+    out, log, res = run_study(TINY_BRAIN, tmp_path, capsys)
     assert "brain MRIs" in log and "BraTS regions TC/WT/ET" in log
     assert "adapted: patch_embed.proj.weight: 1 -> 4 input channels (['T1ce'] -> ['T1', 'T1ce', 'T2', 'FLAIR'])" in log
-    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     for cell in res["cells"]:
         names = {d["name"] for d in cell["evaluation"]["per_class"].values()}
         assert names == {"TC (tumour core)", "WT (whole tumour)", "ET (enhancing tumour)"}

@@ -11,9 +11,9 @@ from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import SwinTransformer
 
 from medmim.errors import MedmimError
-from medmim.models.swin_transfer import (MODEL_SWINVIT_LAYOUT, load_swin_encoder, load_swin_pretrained,
+from medmim.models.swin_transfer import (MODEL_SWINVIT_LAYOUT, load_swin_encoder,
                                          swin_encoder_to_model_swinvit, swin_encoder_to_monai)
-from medmim.models.transfer import read_checkpoint, save_weights
+from medmim.models.transfer import load_pretrained, read_checkpoint, save_weights
 from medmim.models.vit import ViT3D
 
 TINY = dict(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
@@ -102,7 +102,7 @@ def test_monai_load_from_gives_the_same_tensors(swinvit_file):
 
 def test_load_swin_pretrained_reads_the_file(swinvit_file, source):
     target = tiny_swin_unetr(seed=2)
-    report = load_swin_pretrained(target, swinvit_file)
+    report = load_pretrained(target, swinvit_file)
     assert report.complete and report.source == str(swinvit_file)
     assert_same(target.swinViT, source.swinViT)
 
@@ -296,6 +296,6 @@ def test_state_without_swin_tensors_raises():
 def test_safetensors_file(tmp_path, source):
     path = save_weights(tmp_path / "swin.safetensors", {"encoder." + k: v for k, v in source.swinViT.state_dict().items()})
     target = tiny_swin_unetr(seed=2)
-    report = load_swin_pretrained(target, path)
+    report = load_pretrained(target, path)
     assert report.complete
     assert_same(target.swinViT, source.swinViT)

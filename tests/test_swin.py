@@ -4,7 +4,6 @@ reconstruction."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from medmim.cli import main
 from medmim.config import load_config
 from medmim.data.io import read_image
 from medmim.errors import MedmimError
+from tests.conftest import run_study
 
 SWIN_TINY = ["model.backbone=swin", "model.feature_size=12", "model.swin.depths=[1,1,1,1]",
              "model.swin.num_heads=[1,1,1,1]", "model.swin.window_size=4", "data.roi_size=64", "model.img_size=64"]
@@ -83,14 +83,9 @@ def test_a_tiny_swin_study_pretrains_simmim_transfers_whole_and_exports_to_monai
     from monai.networks.nets import SwinUNETR
 
     monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
-    spec = tmp_path / "tiny-swin.yaml"
-    spec.write_text(TINY_SWIN_STUDY, encoding="utf-8")
-    out = tmp_path / "study"
-    assert main(["study", str(spec), "--out", str(out)]) == 0
-    log = capsys.readouterr().out
+    out, log, res = run_study(TINY_SWIN_STUDY, tmp_path, capsys)
     assert "pretrain (simmim on the Swin transformer)" in log and "finetune (Swin UNETR)" in log
     assert "all " in log.split("encoder from ")[1].splitlines()[0]  # the whole pretrained Swin came over
-    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert {c["values"]["method"] for c in res["cells"]} == {"scratch", "simmim-swin"}
     assert all(c["evaluation"]["cases"] >= 1 for c in res["cells"])
     pre = next((out / "pretrain").iterdir())

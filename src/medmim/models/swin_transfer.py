@@ -24,7 +24,6 @@ encoder ``swinViT`` of ``SwinUNETR``).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,8 +33,7 @@ from torch import nn
 
 from medmim.errors import MedmimError
 from medmim.models.monai_layout import strip_wrappers
-from medmim.models.transfer import (_STATE_KEYS, Checkpoint, TransferReport, _best_prefix, adapt_input_channels,
-                                    read_checkpoint)
+from medmim.models.transfer import _STATE_KEYS, TransferReport, _best_prefix, adapt_input_channels, load_whole
 
 Tensor = torch.Tensor
 
@@ -206,57 +204,27 @@ def load_swin_encoder(
     if other_index:
         raise MedmimError(f"{source}: {len(other_index)} relative_position_index buffer(s) differ from the model's, "
                           f"e.g. {other_index[0]}: pretrained with another window_size")
-    allow = "allow a partial load with partial=True (model.partial_load=true)"
-    if report.missing and not partial:
-        raise MedmimError(f"{source}: only {len(report.loaded)} of {len(names)} Swin encoder tensors would load, "
-                          f"missing {_compact(report.missing)} (fewer stages or blocks in the checkpoint, or "
-                          f"use_v2 / patch_norm differ?); {allow}")
-    if report.unused_encoder and not partial:
-        raise MedmimError(f"{source}: the checkpoint's Swin encoder does not fit whole, {len(report.unused_encoder)} "
-                          f"of its tensors have no place in the model ({_compact(report.unused_encoder)}: a deeper "
-                          f"encoder?); {allow}")
+    return load_whole(encoder, to_load, report, partial=partial, what="Swin encoder",
+                      missing_hint=" (fewer stages or blocks in the checkpoint, or use_v2 / patch_norm differ?)",
+                      compact=_compact)
 
-    result = encoder.load_state_dict(to_load, strict=False)
-    # a bug guard: what load_state_dict left untouched is exactly what the report says
-    assert not result.unexpected_keys, result.unexpected_keys
-    assert set(result.missing_keys) == set(report.missing) | set(report.recomputed), result.missing_keys
-    return report
+
+def find_swin(model: nn.Module) -> nn.Module | None:
+    """The MONAI SwinTransformer of ``model``: itself, ``.swinViT`` (SwinUNETR) or ``.encoder`` (a SimMIM-Swin);
+    None if it has none."""
+    from monai.networks.nets.swin_unetr import SwinTransformer
+
+    for m in (model, getattr(model, "swinViT", None), getattr(model, "encoder", None)):
+        if isinstance(m, SwinTransformer):
+            return m
+    return None
 
 
 def _find_swin(model: nn.Module) -> nn.Module:
-    """The SwinTransformer of ``model``: itself, ``.swinViT`` (SwinUNETR) or ``.encoder`` (a pretrainer)."""
-    from monai.networks.nets.swin_unetr import SwinTransformer
-
-    if isinstance(model, SwinTransformer):
-        return model
-    for attr in ("swinViT", "encoder"):
-        enc = getattr(model, attr, None)
-        if isinstance(enc, SwinTransformer):
-            return enc
-    raise TypeError(f"{type(model).__name__} has no MONAI SwinTransformer (itself, .swinViT or .encoder)")
-
-
-def load_swin_pretrained(
-    model: nn.Module,
-    checkpoint: str | os.PathLike | Checkpoint | Mapping[str, Tensor],
-    *,
-    partial: bool = False,
-    channels: Sequence[str] | None = None,
-) -> TransferReport:
-    """Initialise the Swin transformer of ``model`` (a SwinUNETR, a SimMIM-Swin pretrainer or a SwinTransformer)
-    from a checkpoint: a path (``.safetensors`` or a torch file, read safely), a :class:`Checkpoint` or a state
-    dict. ``channels``: the names of ``model``'s input channels (the checkpoint's own come from its data record).
-    See :func:`load_swin_encoder` for what is reported and what raises."""
-    if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = read_checkpoint(checkpoint)
-    source_channels = None
-    if isinstance(checkpoint, Checkpoint):
-        state, source = checkpoint.state, checkpoint.source
-        source_channels = (checkpoint.data or {}).get("channel_names")
-    else:
-        state, source = _unwrap(checkpoint), "state dict"
-    return load_swin_encoder(_find_swin(model), state, partial=partial, source=source,
-                             source_channels=source_channels, channels=channels)
+    swin = find_swin(model)
+    if swin is None:
+        raise TypeError(f"{type(model).__name__} has no MONAI SwinTransformer (itself, .swinViT or .encoder)")
+    return swin
 
 
 # ---------------------------------------------------------------------------------------------

@@ -438,18 +438,26 @@ def load_encoder(
     if not report.loaded:
         raise MedmimError(f"{source}: no encoder tensor found in the checkpoint ({len(state)} tensors, none "
                           "named like a ViT3D / MONAI ViT encoder)")
+    hint = ""
+    if report.missing and all(n.endswith("attn.qkv.bias") for n in report.missing):
+        hint = " (the checkpoint has no qkv bias: build the encoder with qkv_bias=False)"
+    return load_whole(encoder, to_load, report, partial=partial, missing_hint=hint)
+
+
+def load_whole(encoder: nn.Module, to_load: dict[str, Tensor], report: TransferReport, *, partial: bool,
+               what: str = "encoder", missing_hint: str = "", compact=None) -> TransferReport:
+    """Load ``to_load`` into ``encoder`` once ``report`` says what it holds: an encoder that would load only in
+    part (tensors missing, or checkpoint encoder tensors with no place) is refused unless ``partial``.
+    ``compact``: how a message groups tensor names (default: by their first block index)."""
+    group = compact or _compact
     allow = "allow a partial load with partial=True (model.partial_load=true)"
     if report.missing and not partial:
-        hint = ""
-        if all(n.endswith("attn.qkv.bias") for n in report.missing):
-            hint = " (the checkpoint has no qkv bias: build the encoder with qkv_bias=False)"
-        raise MedmimError(f"{source}: only {len(report.loaded)} of {len(names)} encoder tensors would load, "
-                          f"missing {_compact(report.missing)}{hint}; {allow}")
+        raise MedmimError(f"{report.source}: only {len(report.loaded)} of {len(report.expected)} {what} tensors would "
+                          f"load, missing {group(report.missing)}{missing_hint}; {allow}")
     if report.unused_encoder and not partial:
-        raise MedmimError(f"{source}: the checkpoint's encoder does not fit whole, {len(report.unused_encoder)} of its "
-                          f"tensors have no place in the model ({_compact(report.unused_encoder)}: a deeper "
+        raise MedmimError(f"{report.source}: the checkpoint's {what} does not fit whole, {len(report.unused_encoder)} "
+                          f"of its tensors have no place in the model ({group(report.unused_encoder)}: a deeper "
                           f"encoder?); {allow}")
-
     result = encoder.load_state_dict(to_load, strict=False)
     # a bug guard: what load_state_dict left untouched is exactly what the report says
     assert not result.unexpected_keys, result.unexpected_keys
@@ -488,21 +496,12 @@ def load_pretrained(
         source_channels = (checkpoint.data or {}).get("channel_names")
     else:
         state, config, source = checkpoint, None, "state dict"
-    swin = _find_swin(model)
-    if swin is not None:  # Swin UNETR (or a SimMIM-Swin): the Swin transformer's own transfer
-        from medmim.models.swin_transfer import load_swin_encoder
+    from medmim.models.swin_transfer import find_swin, load_swin_encoder
 
+    swin = find_swin(model)
+    if swin is not None:  # Swin UNETR (or a SimMIM-Swin): the Swin transformer's own transfer
         return load_swin_encoder(swin, state, partial=partial, source=source, source_channels=source_channels,
                                  channels=channels)
     return load_encoder(_find_encoder(model), state, partial=partial, source=source, config=config,
                         source_channels=source_channels, channels=channels)
 
-
-def _find_swin(model: nn.Module) -> nn.Module | None:
-    """The MONAI Swin transformer of a Swin UNETR (``swinViT``), a SimMIM-Swin (``encoder``) or itself; None."""
-    from monai.networks.nets.swin_unetr import SwinTransformer
-
-    for m in (model, getattr(model, "swinViT", None), getattr(model, "encoder", None)):
-        if isinstance(m, SwinTransformer):
-            return m
-    return None
