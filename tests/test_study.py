@@ -348,3 +348,46 @@ def test_excluded_combinations_are_not_run_and_have_no_partner(tmp_path: Path) -
     bad.write_text(grid.replace("method: mae}]", "method: nope}]"), encoding="utf-8")
     with pytest.raises(MedmimError, match=r"exclude\[0\] names method=nope"):
         load_spec(str(bad))
+
+
+def _study_state_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_state.py"
+    spec = importlib.util.spec_from_file_location("study_state", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_study_carried_without_its_checkpoints_resumes_with_nothing_trained_again(tmp_path: Path, capsys,
+                                                                                      monkeypatch) -> None:
+    """benchmarks/study_state.py keeps a finished study's small files and pretrained weights, not its checkpoints,
+    data or cache; restored onto a machine without the study folder, the study trains and measures nothing again
+    and reports the same numbers."""
+    monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
+    spec = tmp_path / "diag.yaml"
+    spec.write_text(DIAGNOSED, encoding="utf-8")
+    out, state = tmp_path / "study", tmp_path / "state"
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    before = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    st = _study_state_module()
+    assert st.main(["save", str(out), str(state)]) == 0
+    kept = sorted(p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file())
+    assert "pretrain/" + next((out / "pretrain").iterdir()).name + "/model.safetensors" in kept
+    assert not [k for k in kept if k.endswith(".pt") or "/checkpoints/" in k or k.startswith(("phantom", "cache"))]
+    assert any(k.endswith("/reliance.json") for k in kept) and any(k.startswith("probe/") for k in kept)
+    import shutil
+
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert st.main(["restore", str(state), str(out)]) == 0
+    assert st.main(["restore", str(state), str(out)]) == 0 and "0 file(s) copied" in capsys.readouterr().out
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert not re.search(r"\] \S+: \d+ steps", log)  # no "[stage] run: N steps" line: nothing trained
+    assert "[reliance]" not in log and "[pretext]" not in log and "[probe]" not in log
+    after = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert after["diagnostics"] == before["diagnostics"]
+    assert [c["evaluation"] for c in after["cells"]] == [c["evaluation"] for c in before["cells"]]
+    assert st.main(["save", str(tmp_path / "nope"), str(state)]) == 2

@@ -1,0 +1,98 @@
+"""Carry a long study's finished runs from one machine to the next, through the repository.
+
+A study that needs more hours than a session has (phantom-science-v2: ~11 h of training on 2 cores) resumes its
+finished runs, but only where its folder survives; on machines that start from a fresh clone it does not. This
+keeps what a finished run leaves that the study reads again, and nothing it can rebuild:
+
+* a finished pretraining (``pretrain/X/done.json``): its summary, config, metrics and ``pretext.json``, and its final
+  weights ``model.safetensors``, from which the fine-tuning cells start (the optimizer state is not kept);
+* a finished fine-tuning cell: its summary, config, metrics (the curve), ``evaluation.json`` and ``reliance.json``
+  with the per-case tables of both evaluations (its checkpoints are not kept, so a cell is kept only once both
+  evaluations are written: they are what the report reads);
+* a finished probe: its summary, config, metrics and ``evaluation.json``.
+
+The phantom data and the prepared cache are not kept: the study writes them again, byte for byte, from its seed.
+An unfinished run is not kept; it starts again from step 0 on the next machine.
+
+    python benchmarks/study_state.py save    STUDY_DIR STATE_DIR   # after a session's runs
+    python benchmarks/study_state.py restore STATE_DIR STUDY_DIR   # before the study runs again
+
+Both print what they copied; neither overwrites a file that is there already.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+SMALL = 2 * 1024 * 1024  # bytes: larger files are left behind, except a pretraining's final weights
+SKIP_DIRS = {"checkpoints", "previews", "preview"}
+
+
+def _files(run: Path, keep_weights: bool):
+    for p in sorted(run.rglob("*")):
+        rel = p.relative_to(run)
+        if not p.is_file() or SKIP_DIRS & set(rel.parts[:-1]) or p.name.startswith("events.out.tfevents"):
+            continue
+        if p.suffix in (".pt", ".nii", ".gz") and not (keep_weights and rel.as_posix() == "model.safetensors"):
+            continue
+        if p.stat().st_size > SMALL and not (keep_weights and rel.as_posix() == "model.safetensors"):
+            continue
+        yield p
+
+
+def finished_runs(study: Path):
+    """(run folder, keep its final weights) for each finished run of the study that can be carried."""
+    for run in sorted((study / "pretrain").glob("*")):
+        if (run / "done.json").is_file() and (run / "model.safetensors").is_file():
+            yield run, True
+    for run in sorted((study / "cells").glob("*")):
+        if all((run / f).is_file() for f in ("done.json", "evaluation.json", "reliance.json")):
+            yield run, False
+    for run in sorted((study / "probe").glob("*")):
+        if all((run / f).is_file() for f in ("done.json", "evaluation.json")):
+            yield run, False
+
+
+def copy_new(src_root: Path, dst_root: Path, files) -> int:
+    n = 0
+    for p in files:
+        dst = dst_root / p.relative_to(src_root)
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dst)
+        print(f"  {dst}")
+        n += 1
+    return n
+
+
+def save(study: Path, state: Path) -> int:
+    n = 0
+    for run, weights in finished_runs(study):
+        n += copy_new(study, state, _files(run, weights))
+    return n
+
+
+def restore(state: Path, study: Path) -> int:
+    return copy_new(state, study, (p for p in sorted(state.rglob("*")) if p.is_file()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("action", choices=["save", "restore"])
+    ap.add_argument("src", type=Path)
+    ap.add_argument("dst", type=Path)
+    a = ap.parse_args(argv)
+    if not a.src.is_dir():
+        print(f"study_state: {a.src} is not a folder", file=sys.stderr)
+        return 2
+    n = (save if a.action == "save" else restore)(a.src, a.dst)
+    print(f"{a.action}: {n} file(s) copied into {a.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
