@@ -34,7 +34,7 @@ SKIP_DIRS = {"checkpoints", "previews", "preview"}
 def _files(run: Path, keep_weights: bool):
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run)
-        if not p.is_file() or SKIP_DIRS & set(rel.parts[:-1]) or p.name.startswith("events.out.tfevents"):
+        if not p.is_file() or SKIP_DIRS & set(rel.parts[:-1]) or p.name.startswith(("events.out.tfevents", ".")):
             continue
         if p.suffix in (".pt", ".nii", ".gz") and not (keep_weights and rel.as_posix() == "model.safetensors"):
             continue
