@@ -97,6 +97,19 @@ def test_tumour_volumes_plausible_and_varying(cases):
     assert np.ptp(brain) > 20.0  # head size varies
 
 
+def test_tumours_arise_in_different_places(cases):
+    """Seeds place the tumour in either hemisphere, at different heights and depths, not in one spot."""
+    centres = []
+    for case in cases.values():
+        _, tc, _ = regions(case.label)
+        centres.append(np.argwhere(tc).mean(0) * 2.5 + case.affine[:3, 3])
+    centres = np.array(centres)
+    assert (centres[:, 0] > 10).any() and (centres[:, 0] < -10).any(), centres  # both hemispheres
+    assert np.ptp(centres[:, 1]) > 20.0 and np.ptp(centres[:, 2]) > 20.0, centres  # mm, front to back, up-down
+    apart = np.linalg.norm(centres[:, None] - centres[None], axis=-1)[np.triu_indices(len(centres), 1)]
+    assert apart.min() > 5.0, apart  # no two seeds share a spot
+
+
 def test_volumes_do_not_depend_much_on_spacing():
     coarse = make_brain_phantom(7, **SMALL)
     fine = make_brain_phantom(7, shape=(80, 90, 80), spacing=(2.0, 2.0, 2.0))
@@ -115,6 +128,13 @@ def test_tissue_contrasts(cases, seed):
     assert m[ENHANCING][T1CE] > 1.4 * m[WM][T1CE]
     assert m[ENHANCING][T1CE] > max(m[t][T1CE] for t in m if t != ENHANCING)
     assert m[NECROSIS][T1CE] < m[GM][T1CE]
+    # T1ce is T1 after gadolinium: relative to white matter, no tissue but the enhancing rim gains signal
+    # (the two share one bias field), and it gains at least 1.5x
+    gain = {t: (m[t][T1CE] / m[t][T1]) / (m[WM][T1CE] / m[WM][T1]) for t in m}
+    assert all(abs(g - 1.0) < 0.05 for t, g in gain.items() if t != ENHANCING), gain
+    assert gain[ENHANCING] > 1.5, gain
+    # deep grey nuclei lie between cortex and white matter on T1, whatever the case's bias field
+    assert m[WM][T1] > m[DEEP_GM][T1] > m[GM][T1]
     # T2: CSF brightest, oedema bright, WM darker than GM
     assert m[CSF][T2] > max(m[t][T2] for t in m if t != CSF)
     assert m[OEDEMA][T2] > m[GM][T2] > m[WM][T2]
