@@ -391,3 +391,30 @@ def test_a_study_carried_without_its_checkpoints_resumes_with_nothing_trained_ag
     assert after["diagnostics"] == before["diagnostics"]
     assert [c["evaluation"] for c in after["cells"]] == [c["evaluation"] for c in before["cells"]]
     assert st.main(["save", str(tmp_path / "nope"), str(state)]) == 2
+
+
+def test_study_tasks_run_a_piece_of_a_study_that_the_study_then_finds_finished(tmp_path: Path, capsys,
+                                                                               monkeypatch) -> None:
+    """benchmarks/study_tasks.py runs chosen runs of a study in its own folders: afterwards `medmim study` trains
+    only the others; a task the study does not have is refused with exit status 2 before anything is written."""
+    import runpy
+
+    monkeypatch.setenv("MEDMIM_NO_PROGRESS", "1")
+    spec = tmp_path / "diag.yaml"
+    spec.write_text(DIAGNOSED, encoding="utf-8")
+    out = tmp_path / "study"
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "study_tasks.py")
+    tasks = runpy.run_path(script)["main"]
+    with pytest.raises(MedmimError, match="cell:method-nope_seed0: not a task"):
+        tasks([str(spec), str(out), "cell:method-nope_seed0"])
+    assert not out.exists()
+    assert tasks([str(spec), str(out), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["pretrain:mae", "cell:method-scratch_seed0", "cell:method-mae_seed0",
+                                               "probe:random:0", "probe:mae:0", "probe:mae@1:0"]
+    assert tasks([str(spec), str(out), "cell:method-mae_seed0", "probe:mae@1:0"]) == 0
+    assert (out / "cells" / "method-mae_seed0" / "reliance.json").is_file()
+    capsys.readouterr()
+    assert main(["study", str(spec), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    trained = re.findall(r"\[(\w+)\] (\S+): \d+ steps", log)
+    assert trained == [("finetune", "method-scratch_seed0"), ("probe", "random_seed0"), ("probe", "mae_seed0")]
