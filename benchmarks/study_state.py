@@ -11,7 +11,8 @@ keeps what a finished run leaves that the study reads again, and nothing it can 
   evaluations are written: they are what the report reads);
 * a finished probe: its summary, config, metrics and ``evaluation.json``.
 
-The phantom data and the prepared cache are not kept: the study writes them again, byte for byte, from its seed.
+The phantom data, the prepared cache and pictures (overlays, previews) are not kept: the study writes the data
+again, byte for byte, from its seed.
 An unfinished run is not kept; it starts again from step 0 on the next machine.
 
     python benchmarks/study_state.py save    STUDY_DIR STATE_DIR   # after a session's runs
