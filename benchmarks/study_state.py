@@ -17,6 +17,11 @@ An unfinished run is not kept; it starts again from step 0 on the next machine.
 
     python benchmarks/study_state.py save    STUDY_DIR STATE_DIR   # after a session's runs
     python benchmarks/study_state.py restore STATE_DIR STUDY_DIR   # before the study runs again
+    python benchmarks/study_state.py verify  STATE_DIR STUDY_DIR   # once the study has written its data again
+
+``save`` also writes ``data.sha256``, the checksum of every file of the study's phantom dataset; ``verify`` checks
+that the data written again on this machine is the same, byte for byte (exit status 2 where it is not), since runs
+carried from another machine and runs made here must have seen the same data.
 
 Both print what they copied; neither overwrites a file that is there already.
 """
@@ -24,6 +29,7 @@ Both print what they copied; neither overwrites a file that is there already.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -70,28 +76,59 @@ def copy_new(src_root: Path, dst_root: Path, files) -> int:
     return n
 
 
+DATA_SUMS = "data.sha256"
+
+
+def data_sums(study: Path) -> str:
+    data = study / "phantom"
+    lines = []
+    for p in sorted(data.rglob("*")):
+        if p.is_file():
+            lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(data).as_posix()}")
+    return "\n".join(lines) + "\n"
+
+
 def save(study: Path, state: Path) -> int:
     n = 0
+    if (study / "phantom").is_dir():
+        state.mkdir(parents=True, exist_ok=True)
+        sums = data_sums(study)
+        if (state / DATA_SUMS).is_file() and (state / DATA_SUMS).read_text(encoding="utf-8") != sums:
+            print(f"study_state: {study / 'phantom'} differs from the data the runs in {state} saw", file=sys.stderr)
+            return -1
+        (state / DATA_SUMS).write_text(sums, encoding="utf-8")
     for run, weights in finished_runs(study):
         n += copy_new(study, state, _files(run, weights))
     return n
 
 
 def restore(state: Path, study: Path) -> int:
-    return copy_new(state, study, (p for p in sorted(state.rglob("*")) if p.is_file()))
+    return copy_new(state, study, (p for p in sorted(state.rglob("*")) if p.is_file() and p.name != DATA_SUMS))
+
+
+def verify(state: Path, study: Path) -> int:
+    want = (state / DATA_SUMS).read_text(encoding="utf-8") if (state / DATA_SUMS).is_file() else None
+    if want is None or want != data_sums(study):
+        print(f"study_state: {study / 'phantom'} is not the data the runs in {state} saw"
+              + (" (no data.sha256 there)" if want is None else ""), file=sys.stderr)
+        return -1
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=["save", "restore"])
+    ap.add_argument("action", choices=["save", "restore", "verify"])
     ap.add_argument("src", type=Path)
     ap.add_argument("dst", type=Path)
     a = ap.parse_args(argv)
     if not a.src.is_dir():
         print(f"study_state: {a.src} is not a folder", file=sys.stderr)
         return 2
-    n = (save if a.action == "save" else restore)(a.src, a.dst)
-    print(f"{a.action}: {n} file(s) copied into {a.dst}")
+    n = {"save": save, "restore": restore, "verify": verify}[a.action](a.src, a.dst)
+    if n < 0:
+        return 2
+    print(f"verify: {a.dst / 'phantom'} is the data the carried runs saw" if a.action == "verify"
+          else f"{a.action}: {n} file(s) copied into {a.dst}")
     return 0
 
 

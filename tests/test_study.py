@@ -377,16 +377,19 @@ def test_a_study_carried_without_its_checkpoints_resumes_with_nothing_trained_ag
     assert "pretrain/" + next((out / "pretrain").iterdir()).name + "/model.safetensors" in kept
     assert not [k for k in kept if k.endswith(".pt") or "/checkpoints/" in k or k.startswith(("phantom", "cache"))]
     assert any(k.endswith("/reliance.json") for k in kept) and any(k.startswith("probe/") for k in kept)
+    assert "data.sha256" in kept
     import shutil
 
     shutil.rmtree(out)
     capsys.readouterr()
     assert st.main(["restore", str(state), str(out)]) == 0
+    assert st.main(["verify", str(state), str(out)]) == 2  # the data is not written yet
     assert st.main(["restore", str(state), str(out)]) == 0 and "0 file(s) copied" in capsys.readouterr().out
     assert main(["study", str(spec), "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert not re.search(r"\] \S+: \d+ steps", log)  # no "[stage] run: N steps" line: nothing trained
     assert "[reliance]" not in log and "[pretext]" not in log and "[probe]" not in log
+    assert st.main(["verify", str(state), str(out)]) == 0  # written again, byte for byte
     after = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert after["diagnostics"] == before["diagnostics"]
     assert [c["evaluation"] for c in after["cells"]] == [c["evaluation"] for c in before["cells"]]
