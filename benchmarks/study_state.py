@@ -43,11 +43,10 @@ def _files(run: Path, keep_weights: bool):
         rel = p.relative_to(run)
         if not p.is_file() or SKIP_DIRS & set(rel.parts[:-1]) or p.name.startswith(("events.out.tfevents", ".")):
             continue
-        if p.suffix in (".pt", ".nii", ".gz", ".png") and not (keep_weights and rel.as_posix() == "model.safetensors"):
-            continue
-        if p.stat().st_size > SMALL and not (keep_weights and rel.as_posix() == "model.safetensors"):
-            continue
-        yield p
+        if keep_weights and rel.as_posix() == "model.safetensors":
+            yield p
+        elif p.suffix not in (".pt", ".nii", ".gz", ".png") and p.stat().st_size <= SMALL:
+            yield p
 
 
 def finished_runs(study: Path):

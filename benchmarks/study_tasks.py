@@ -38,18 +38,15 @@ def main(argv: list[str]) -> int:
     for c in cells:
         if c.pretrain is not None:
             methods.setdefault(run.pretrain_dir(c), c.values.get("method"))
-    methods_named = set(methods.values())
-    for task in tasks:
-        kind, _, arg = task.partition(":")
-        if task != "--list" and not ((kind == "pretrain" and arg in methods_named) or kind == "probe"
-                                     or (kind == "cell" and any(c.slug == arg for c in cells))):
-            raise MedmimError(f"{task}: not a task of study {spec.name} (--list names them)")
+    probe = spec.diagnostics.probe
+    known = ([f"pretrain:{m}" for m in dict.fromkeys(methods.values())] + [f"cell:{c.slug}" for c in cells]
+             + [f"probe:{e}:{s}" for e in (probe.encoders if probe else []) for s in (probe.seeds if probe else [])])
     if tasks == ["--list"]:
-        methods = methods.values()
-        print("\n".join([f"pretrain:{m}" for m in methods] + [f"cell:{c.slug}" for c in cells]
-                        + [f"probe:{e}:{s}" for e in (spec.diagnostics.probe.encoders if spec.diagnostics.probe
-                                                      else []) for s in spec.diagnostics.probe.seeds]))
+        print("\n".join(known))
         return 0
+    for task in tasks:
+        if task not in known:
+            raise MedmimError(f"{task}: not a task of study {spec.name} (--list names them)")
     run.out.mkdir(parents=True, exist_ok=True)
     run.prepare(run.ensure_data())
     for task in tasks:
