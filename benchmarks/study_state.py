@@ -109,7 +109,8 @@ def verify(state: Path, study: Path) -> int:
     want = (state / DATA_SUMS).read_text(encoding="utf-8") if (state / DATA_SUMS).is_file() else None
     if want is None or want != data_sums(study):
         print(f"study_state: {study / 'phantom'} is not the data the runs in {state} saw"
-              + (" (no data.sha256 there)" if want is None else ""), file=sys.stderr)
+              + (" (no data.sha256 there)" if want is None else
+                 " (was it written with OPENBLAS_CORETYPE=Haswell, as study_tasks.py does?)"), file=sys.stderr)
         return -1
     return 0
 
