@@ -73,7 +73,7 @@ def data_check(path: Path, quiet: bool) -> None:
               help="abdomen: contrast CT, BTCV's 13 organs; brain: MRI (T1, T1ce, T2, FLAIR), BraTS tumour labels.")
 @click.option("--labeled", type=int, default=20, show_default=True, help="Cases with organ labels (imagesTr/labelsTr).")
 @click.option("--unlabeled", type=int, default=40, show_default=True, help="Image-only cases for pretraining (imagesTs).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes (on one machine; see the README).")
 @click.option("--shape", type=(int, int, int), default=None, help="Voxels along i j k (default: the phantom's own).")
 @click.option("--spacing", type=(float, float, float), default=None, help="Voxel size in mm along i j k.")
 def data_phantom(out_dir: Path, kind: str, labeled: int, unlabeled: int, seed: int, shape, spacing) -> None:

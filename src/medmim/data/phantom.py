@@ -2,7 +2,12 @@
 
 Each case is a contrast-enhanced (portal venous phase) abdominal CT from the lung bases to the
 lower lumbar spine, with BTCV's 13 organ labels. Everything is drawn from one integer seed, so
-the same seed gives the same arrays and the same file bytes.
+the same seed gives the same arrays and the same file bytes on one machine. Across machines the
+bytes can differ: the small matrix products of the organ frames go through numpy's OpenBLAS, whose
+kernel the CPU chooses, and an AVX-512 CPU's kernel (SkylakeX) rounds them differently from an
+AVX2 CPU's (Haswell), which moves a few tissue voxels of the image (seen on the 60 phantoms of
+phantom-science-v2; their organ labels were the same). ``OPENBLAS_CORETYPE=Haswell``, set before
+numpy is loaded, gives every x86 machine with AVX2 the same kernel.
 
 Geometry: array axes ``[i, j, k]`` point to the patient's Right, Anterior and Superior (RAS+), the
 affine is ``diag(spacing)`` with the volume centre at world ``(0, 0, 0)`` mm, and the patient lies
