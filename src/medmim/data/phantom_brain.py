@@ -296,14 +296,21 @@ def _outline_r(semi, x, y, z):
     return np.sqrt((x / (a * (1.0 - 0.07 * y / b))) ** 2 + (y / b) ** 2 + (z / np.where(z < 0, 0.85 * c, c)) ** 2)
 
 
-def _ventricle_rho(v: dict, s: float, x, y, z):
-    """The lateral ventricle on side ``s`` (+1 right, -1 left) at points (mm): < 1 inside. Curved, wider at the
-    back (atrium), widening outwards to keep the septum between the two."""
-    f = np.float32
-    yn = (y - f(v["y"])) / f(v["sy"])
+def _ventricle_section(v: dict, s: float, yn, f=float):
+    """The lateral ventricle on side ``s`` (+1 right, -1 left) at normalised ``yn`` (-1 front .. 1 back): the
+    centre ``xc``, ``zc`` (mm) and the half-width ``sx`` of its cross-section. Curved, wider at the back (atrium),
+    widening outwards to keep the septum between the two. ``f`` casts the constants (``np.float32`` for grids)."""
     zc = f(v["z"]) - f(v["bend"]) * yn * yn
     sx = f(v["sx"]) * (1.0 + f(0.35) * np.clip(-yn, 0.0, 1.0))
     xc = f(s * (v["sep"] + v["sx"])) + f(s) * (sx - f(v["sx"]))
+    return xc, zc, sx
+
+
+def _ventricle_rho(v: dict, s: float, x, y, z):
+    """The lateral ventricle on side ``s`` at points (mm), in float32: < 1 inside."""
+    f = np.float32
+    yn = (y - f(v["y"])) / f(v["sy"])
+    xc, zc, sx = _ventricle_section(v, s, yn, f)
     return ((x - xc) / sx) ** 2 + yn * yn + ((z - zc) / f(v["sz"])) ** 2
 
 
@@ -313,9 +320,7 @@ def _ventricle_points(v: dict) -> np.ndarray:
     th = np.linspace(0.0, 2 * math.pi, 24, endpoint=False)[None, :]
     pts = []
     for s in (1.0, -1.0):
-        zc = v["z"] - v["bend"] * yn * yn
-        sx = v["sx"] * (1.0 + 0.35 * np.clip(-yn, 0.0, 1.0))
-        xc = s * (v["sep"] + v["sx"]) + s * (sx - v["sx"])
+        xc, zc, sx = _ventricle_section(v, s, yn)
         w = np.sqrt(1.0 - yn * yn)
         x, y, z = np.broadcast_arrays(xc + sx * w * np.cos(th), v["y"] + v["sy"] * yn, zc + v["sz"] * w * np.sin(th))
         pts.append(np.stack([x, y, z], axis=-1).reshape(-1, 3))
