@@ -17,10 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-# The phantoms' small matrix products (organ frames, rotations) go through numpy's OpenBLAS, whose kernel is
-# chosen by the CPU: SkylakeX's on an AVX-512 machine rounds them differently from Haswell's, a few tissue voxels
-# move and the images' bytes change (the organ labels did not, on the study's 60 phantoms). The carried runs of
-# phantom-science-v2 saw the data that Haswell's kernel writes, so every piece pins it, before numpy is loaded.
+# The abdominal phantom's bytes depend on numpy's OpenBLAS kernel (see medmim.data.phantom); the carried runs of
+# phantom-science-v2 saw the data Haswell's kernel writes, so every piece pins it, before numpy is loaded.
 os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
 
 from medmim.errors import MedmimError
