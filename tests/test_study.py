@@ -309,12 +309,14 @@ def test_study_diagnostics_say_why_and_are_not_measured_twice(tmp_path: Path, ca
     assert probes["mae@1"]["checkpoint"].endswith("step_000001.pt") and probes["mae"]["checkpoint"].endswith(".safetensors")
     probe_cfg = load_config(str(out / "probe" / "mae-step1_seed0" / "config.yaml"))
     assert probe_cfg.model.head == "probe" and probe_cfg.model.pretrained.endswith("step_000001.pt")
+    assert all(p["norm"] == "batchnorm" for p in probes.values())
     assert [p["step"] for p in diag["pretext"]] == [1, 2]  # the kept step, then the final weights
     assert all(p["pretraining"] == "mae (mae)" and p["model_mse"] > 0 for p in diag["pretext"])
     summary = (out / "summary.md").read_text(encoding="utf-8")
     for title in ("### ViT reliance", "### Frozen-encoder probe", "### Pretext check"):
         assert title in summary
     assert "| mae@1 | 1 |" in summary and "| mae (mae) | 1 |" in summary
+    assert "tokens standardised per channel" in summary
     assert main(["study", str(spec), "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "[reliance]" not in log and "[pretext]" not in log and "[probe]" not in log
@@ -421,3 +423,13 @@ def test_study_tasks_run_a_piece_of_a_study_that_the_study_then_finds_finished(t
     log = capsys.readouterr().out
     trained = re.findall(r"\[(\w+)\] (\S+): \d+ steps", log)
     assert trained == [("finetune", "method-scratch_seed0"), ("probe", "random_seed0"), ("probe", "mae_seed0")]
+
+
+def test_a_probe_run_from_before_probe_norm_is_reported_as_raw(tmp_path: Path) -> None:
+    """A finished probe whose config predates model.probe_norm fed its head raw tokens, and says so."""
+    from medmim.study.diagnostics import _probe_norm
+
+    (tmp_path / "config.yaml").write_text("task: finetune\nmodel:\n  head: probe\n", encoding="utf-8")
+    assert _probe_norm(tmp_path) == "none"
+    (tmp_path / "config.yaml").write_text("model:\n  head: probe\n  probe_norm: batchnorm\n", encoding="utf-8")
+    assert _probe_norm(tmp_path) == "batchnorm"

@@ -142,6 +142,9 @@ class ModelConfig(_Section):
     qkv_bias: bool = True
     # the segmenter: UNETR, or probe (a linear head on the frozen ViT's tokens, upsampled: the representation test)
     head: Literal["unetr", "probe"] = "unetr"
+    # the probe's tokens are standardised per channel first (BatchNorm without affine, as MAE's linear probe does:
+    # still a linear map of the tokens), or fed raw (none); raw, a few dominant directions can stall its training
+    probe_norm: Literal["batchnorm", "none"] = "batchnorm"
     num_classes: int = Field(14, ge=2)  # including background
     # brats: BraTS's overlapping tumour regions (TC, WT, ET) as three sigmoid outputs, trained with a sigmoid
     # DiceCE loss, from BraTS label maps (0/1/2/4); None: num_classes exclusive classes (softmax)

@@ -98,7 +98,8 @@ def build_segmenter(model_cfg: "ModelConfig") -> nn.Module:
 
         return build_swin_unetr(model_cfg)
     if model_cfg.head == "probe":
-        return LinearProbe(encoder=build_encoder(model_cfg), num_classes=model_cfg.out_channels)
+        return LinearProbe(encoder=build_encoder(model_cfg), num_classes=model_cfg.out_channels,
+                           norm=model_cfg.probe_norm)
     return build_unetr(model_cfg)
 
 

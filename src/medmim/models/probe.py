@@ -5,6 +5,12 @@ trilinearly to the input's size. There is no convolutional path from the image, 
 representation alone (the linear probe of the MAE literature, for dense prediction), with far less variance
 between seeds than fine-tuning the whole UNETR. (Linear maps and trilinear interpolation commute, so this is the
 linear head on the upsampled tokens, computed at the token grid's size.)
+
+By default the tokens are standardised per channel before the head (``norm="batchnorm"``: batch normalisation
+without affine parameters, its statistics over every token of the batch, frozen in evaluation), as MAE's linear
+probe does; in evaluation it is a fixed affine map, so the probe stays linear in the tokens. It matters: an
+encoder whose token variance lies mostly in one direction (measured on a SimMIM ViT: 81% of it) left the raw probe
+predicting background only, while a closed-form fit found its tokens as informative as the others.
 """
 
 from __future__ import annotations
@@ -22,12 +28,17 @@ class LinearProbe(nn.Module):
     The encoder's weights never train (``requires_grad`` off) and it always runs in eval mode (no dropout or
     drop path), also while the head trains. Input ``x: [N, C, D, H, W]`` -> logits ``[N, num_classes, D, H, W]``.
     The encoder's state dict lives under ``vit.``, as in UNETR, so pretrained weights load the same way.
+    ``norm``: ``"batchnorm"`` standardises each token channel before the head (running statistics under
+    ``norm.``), ``"none"`` feeds the raw tokens.
     """
 
-    def __init__(self, *, encoder: ViT3D, num_classes: int = 14):
+    def __init__(self, *, encoder: ViT3D, num_classes: int = 14, norm: str = "batchnorm"):
         super().__init__()
+        if norm not in ("batchnorm", "none"):
+            raise ValueError(f"probe norm {norm!r}: use batchnorm or none")
         self.vit = encoder
         self.vit.requires_grad_(False)
+        self.norm = nn.BatchNorm1d(encoder.hidden_size, affine=False) if norm == "batchnorm" else nn.Identity()
         self.head = nn.Linear(encoder.hidden_size, num_classes)
 
     def train(self, mode: bool = True) -> LinearProbe:
@@ -39,5 +50,6 @@ class LinearProbe(nn.Module):
         grid = [s // p for s, p in zip(x.shape[2:], self.vit.patch_size)]
         with torch.no_grad():
             z = self.vit(x)  # [N, L, E], after the final norm
+        z = self.norm(z.transpose(1, 2)).transpose(1, 2)  # BatchNorm1d takes [N, E, L]: statistics over N and L
         logits = self.head(z).transpose(1, 2).reshape(x.shape[0], -1, *grid)
         return F.interpolate(logits, size=x.shape[2:], mode="trilinear", align_corners=False)

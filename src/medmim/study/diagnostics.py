@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medmim.errors import MedmimError
-from medmim.fileio import atomic_write_text, read_json
+from medmim.fileio import atomic_write_text, read_json, read_text
 from medmim.study.cells import Cell, slug
 from medmim.study.curves import MeanSd, mean_sd, paired_difference
 
@@ -41,6 +41,7 @@ class ProbeRun:
     checkpoint: str | None  # the encoder's weights; None: random
     mean_dice: float | None  # held-out, at the probe's last step
     steps: int | None  # the probe's training steps
+    norm: str = "none"  # model.probe_norm of its run (a run from before the option fed raw tokens)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,16 @@ def probe_run(study: StudyRun, cells: list[Cell], encoder: str, seed: int) -> Pr
         _write(ev_file, study.evaluate_run(run_dir, run_dir / "checkpoints" / "last.pt"))
     ev, done = read_json(ev_file), run_dir / "done.json"
     steps = read_json(done).get("steps") if done.is_file() else None
-    return ProbeRun(encoder, seed, str(ckpt) if ckpt else None, ev.get("mean_dice"), steps)
+    return ProbeRun(encoder, seed, str(ckpt) if ckpt else None, ev.get("mean_dice"), steps, _probe_norm(run_dir))
+
+
+def _probe_norm(run_dir: Path) -> str:
+    """What a probe run fed its head: its config's model.probe_norm; "none" for a run from before that option."""
+    import yaml
+
+    p = run_dir / "config.yaml"
+    model = (yaml.safe_load(read_text(p)) or {}).get("model") or {} if p.is_file() else {}
+    return str(model.get("probe_norm", "none"))
 
 
 def _kept_steps(folder: Path) -> dict[int, Path]:
@@ -235,10 +245,14 @@ def probe_markdown(diag: Diagnostics) -> list[str]:
     for p in diag.probes:
         by_enc.setdefault(p.encoder, []).append(p)
     random = {p.seed: p.mean_dice for p in by_enc.get(RANDOM, [])}
+    norms = {p.norm for p in diag.probes}
+    fed = ("tokens standardised per channel (batch normalisation without affine, as MAE's linear probe)"
+           if norms == {"batchnorm"} else "raw tokens (no normalisation before the head)" if norms == {"none"}
+           else "some runs standardised their tokens, some did not: the rows do not compare")
     lines = ["", "### Frozen-encoder probe", "",
-             f"A linear head on each encoder's frozen, upsampled tokens (no convolutional path from the image), "
-             f"trained {'for ' + str(steps) + ' steps ' if steps else ''}per seed and scored on the held-out cases "
-             f"at its last step.", "",
+             f"A linear head on each encoder's frozen, upsampled tokens (no convolutional path from the image; "
+             f"{fed}), trained {'for ' + str(steps) + ' steps ' if steps else ''}per seed and scored on the "
+             f"held-out cases at its last step.", "",
              "| encoder | seeds | held-out mean Dice | minus random's, seed by seed |", "|---|---:|---:|---:|"]
     for enc, ps in by_enc.items():
         n = len(ps)

@@ -248,7 +248,9 @@ class SegmentationTask(Task):
         self._val_bytes = 0
 
     def describe(self) -> str:
-        what = "UNETR" if self.cfg.model.head == "unetr" else "linear probe on the frozen ViT"
+        m = self.cfg.model
+        what = "UNETR" if m.head == "unetr" else (
+            "linear probe on the frozen ViT" + (", tokens standardised" if m.probe_norm == "batchnorm" else ", raw tokens"))
         what = "Swin UNETR" if self.cfg.model.backbone == "swin" else what
         return f"finetune ({what}{', BraTS regions TC/WT/ET' if self.regions else ''})"
 
