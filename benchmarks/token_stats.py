@@ -85,7 +85,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("study", type=Path)
     ap.add_argument("--fold", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cache = args.study / "cache" / "prepared"
     runs = sorted(p.parent for p in (args.study / "pretrain").glob("*/model.safetensors"))
     if not runs or not (cache / "splits_final.json").is_file():

@@ -542,6 +542,15 @@ def _format_validation(e: ValidationError, where: str) -> str:
     return f"{where}: " + "; ".join(parts)
 
 
+def saved_config(data: dict) -> dict:
+    """A config a run saved (a checkpoint's, a run folder's config.yaml) with the settings it had in effect
+    before they could be named: a probe from before ``model.probe_norm`` fed its head raw tokens."""
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("head") == "probe" and "probe_norm" not in model:
+        return {**data, "model": {**model, "probe_norm": "none"}}
+    return data
+
+
 def config_from_dict(data: dict, where: str = "config") -> Config:
     """Validate a plain dict: a checkpoint's config, say (one with the former flat pretrain keys too)."""
     data = _nested(data, None, where)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from medmim.config import Config, config_from_dict
+from medmim.config import Config, config_from_dict, saved_config
 from medmim.errors import MedmimError
 from medmim.models.transfer import Checkpoint
 
@@ -37,12 +37,7 @@ def config_of(ckpt: Checkpoint, need: str = "") -> Config:
     """The config a checkpoint's model was in effect trained with (its data record applied)."""
     if not ckpt.config:
         raise MedmimError(f"{ckpt.source}: carries no medmim config (not written by medmim?){'; ' + need if need else ''}")
-    config = ckpt.config
-    model = config.get("model")
-    if isinstance(model, dict) and model.get("head") == "probe" and "probe_norm" not in model:
-        # a probe trained before model.probe_norm existed fed the head raw tokens
-        config = {**config, "model": {**model, "probe_norm": "none"}}
-    return with_data_record(config_from_dict(config, where=ckpt.source), ckpt.data)
+    return with_data_record(config_from_dict(saved_config(ckpt.config), where=ckpt.source), ckpt.data)
 
 
 def model_from(ckpt: Checkpoint, cfg: Config) -> nn.Module:

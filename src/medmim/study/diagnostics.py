@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medmim.config import saved_config
 from medmim.errors import MedmimError
 from medmim.fileio import atomic_write_text, read_json, read_text
 from medmim.study.cells import Cell, slug
@@ -136,7 +137,9 @@ def _probe_norm(run_dir: Path) -> str:
     import yaml
 
     p = run_dir / "config.yaml"
-    model = (yaml.safe_load(read_text(p)) or {}).get("model") or {} if p.is_file() else {}
+    if not p.is_file():
+        return "none"
+    model = saved_config(yaml.safe_load(read_text(p)) or {}).get("model") or {}
     return str(model.get("probe_norm", "none"))
 
 

@@ -251,7 +251,7 @@ class SegmentationTask(Task):
         m = self.cfg.model
         what = "UNETR" if m.head == "unetr" else (
             "linear probe on the frozen ViT" + (", tokens standardised" if m.probe_norm == "batchnorm" else ", raw tokens"))
-        what = "Swin UNETR" if self.cfg.model.backbone == "swin" else what
+        what = "Swin UNETR" if m.backbone == "swin" else what
         return f"finetune ({what}{', BraTS regions TC/WT/ET' if self.regions else ''})"
 
     def columns(self) -> list[str]:
