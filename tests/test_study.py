@@ -208,7 +208,19 @@ def test_study_runs_end_to_end_and_resumes_without_redoing(tmp_path: Path, capsy
     stamp = scratch_done.stat().st_mtime_ns
     import shutil
 
+    assert main(["study", str(spec), "--out", str(out), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert f"finished already in {out}: 3 run(s)" in dry and "0 run(s) still to do" in dry
+    assert "nothing left to train" in dry and "estimated training time" not in dry
     shutil.rmtree(out / "cells" / "method-mae_seed0")
+    # the dry run now estimates the one cell left from the finished cell of the same kind, at its measured pace
+    assert main(["study", str(spec), "--out", str(out), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    measured = json.loads(scratch_done.read_text(encoding="utf-8"))
+    mae_line = next(line for line in dry.splitlines() if line.startswith("- method=mae"))
+    assert "pretrain mae (2 steps x" in mae_line and ") finished (" in mae_line and mae_line.endswith("(as measured)")
+    assert f"~{3 * measured['wall_s'] / measured['steps'] / 60:.1f} min (as measured)" in mae_line
+    assert f"finished already in {out}: 2 run(s)" in dry and "1 run(s) still to do" in dry and "timed:" not in dry
     # --report-only: tables from the finished cells alone, nothing trained
     assert main(["study", str(spec), "--out", str(out), "--report-only"]) == 0
     log = capsys.readouterr().out

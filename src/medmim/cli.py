@@ -389,7 +389,8 @@ def demo(out: Path, quick: bool) -> None:
 @click.argument("spec")
 @click.argument("overrides", nargs=-1)
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Default: studies/SPEC-NAME.")
-@click.option("--dry-run", is_flag=True, help="List the cells and an estimate of their cost; run nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="List the cells, those finished already, and an estimate of the training left; run nothing.")
 @click.option("--no-estimate", is_flag=True, help="With --dry-run: skip timing a step of each run.")
 @click.option("--report-only", is_flag=True,
               help="Train nothing: write the tables and plot from the cells finished so far.")

@@ -109,11 +109,16 @@ def encoder_checkpoint(study: StudyRun, cells: list[Cell], encoder: str) -> Path
     return folder / "checkpoints" / f"step_{int(step):06d}.pt" if step else folder / "model.safetensors"
 
 
+def probe_dir(study: StudyRun, encoder: str, seed: int) -> Path:
+    """The folder of the probe run on ``encoder`` with ``seed``; it is finished once it holds evaluation.json."""
+    return study.out / "probe" / f"{slug(encoder.replace('@', '-step'))}_seed{seed}"
+
+
 def probe_run(study: StudyRun, cells: list[Cell], encoder: str, seed: int) -> ProbeRun | None:
     """Train (unless finished) and evaluate the probe on one encoder with one seed; None where it cannot run yet
     (``--report-only`` before it ran)."""
     probe = study.spec.diagnostics.probe
-    run_dir = study.out / "probe" / f"{slug(encoder.replace('@', '-step'))}_seed{seed}"
+    run_dir = probe_dir(study, encoder, seed)
     ev_file = run_dir / "evaluation.json"
     if study.report_only and not ev_file.is_file():
         return None

@@ -172,6 +172,10 @@ class StudyRun:
             return None
         return self.out / "pretrain" / f"{self.config('pretrain', cell).pretrain.method}-{cell.pretrain_key(self.spec)}"
 
+    def cell_dir(self, cell: Cell) -> Path:
+        """The folder of ``cell``'s fine-tuning run."""
+        return self.out / "cells" / cell.slug
+
     def run_cell(self, cell: Cell) -> CellRun:
         """Pretrain (unless shared and finished), fine-tune and evaluate one cell; what it left."""
         pre_ckpt = None
@@ -181,7 +185,7 @@ class StudyRun:
         fcfg = self.config("finetune", cell)
         if pre_ckpt is not None:
             fcfg.model.pretrained = str(pre_ckpt)
-        cell_dir = self.out / "cells" / cell.slug
+        cell_dir = self.cell_dir(cell)
         summary = self.run_training(fcfg, cell_dir, "finetune")
         evaluation = None
         ev_file = cell_dir / "evaluation.json"
@@ -216,7 +220,7 @@ class StudyRun:
         done.json), e.g. while a long study runs."""
         cells = expand_cells(self.spec)
         if report_only:
-            finished = [c for c in cells if (self.out / "cells" / c.slug / DONE).is_file()]
+            finished = [c for c in cells if (self.cell_dir(c) / DONE).is_file()]
             if not finished:
                 raise MedmimError(f"{self.out}: no finished cell of study {self.spec.name} to report on")
             self.log(f"report on {len(finished)} of {len(cells)} cell(s) finished so far; nothing is trained")
