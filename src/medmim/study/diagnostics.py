@@ -255,7 +255,7 @@ def probe_markdown(diag: Diagnostics) -> list[str]:
     random = {p.seed: p.mean_dice for p in by_enc.get(RANDOM, [])}
     norms = {p.norm for p in diag.probes}
     fed = ("tokens standardised per channel (batch normalisation without affine, as MAE's linear probe)"
-           if norms == {"batchnorm"} else "raw tokens (no normalisation before the head)" if norms == {"none"}
+           if norms == {"batchnorm"} else "raw tokens, not normalised before the head" if norms == {"none"}
            else "some runs standardised their tokens, some did not: the rows do not compare")
     lines = ["", "### Frozen-encoder probe", "",
              f"A linear head on each encoder's frozen, upsampled tokens (no convolutional path from the image; "

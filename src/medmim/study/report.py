@@ -65,7 +65,9 @@ def _speedup_cell(r: GroupRow, which: str) -> str:
     if s is None:
         return "—"
     txt = _fmt(s.speedup, 2, r.seeds)
-    return txt + (f" ({s.never_reached}/{r.seeds} never reached)" if s.never_reached else "")
+    notes = ([f"{s.never_reached}/{r.seeds} never reached"] if s.never_reached else []) + \
+        ([f"{s.no_partner}/{r.seeds} without a partner run yet"] if s.no_partner else [])
+    return txt + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _are_regions(names) -> bool:

@@ -13,6 +13,7 @@ from medmim.study.curves import (Convergence, Curve, MeanSd, Speedup, best, conv
 from medmim.study.diagnostics import Diagnostics
 from medmim.study.spec import Spec
 
+NO_PARTNER = "no partner run"  # a speed-up's note where the same-seed reference run has not run
 REFERENCES = ("baseline", "contrastive")  # the roles a spec may name a run for, in table order
 
 
@@ -66,7 +67,8 @@ class CellResult:
 @dataclass(frozen=True)
 class GroupSpeedup:
     speedup: MeanSd  # over the runs that reached the level
-    never_reached: int  # runs with no speed-up (never reached the level, no curve, no partner)
+    never_reached: int  # runs with a partner but no speed-up (never reached the level, no curve)
+    no_partner: int = 0  # runs whose partner has not run (a partial report)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class GroupRow:
              "paired_delta": self.paired_delta, "paired_n": self.paired_n, "rel_change": self.rel_change}
         for which, s in self.speedup_vs.items():
             d[f"speedup_vs_{which}"], d[f"never_reached_vs_{which}"] = s.speedup, s.never_reached
+            if s.no_partner:
+                d[f"no_partner_vs_{which}"] = s.no_partner
         d["organs"] = self.organs
         return d
 
@@ -139,7 +143,7 @@ def score_cells(spec: Spec, runs: list[CellRun]) -> list[CellResult]:
             if matches(r.values, ref) or spec.excluded(want):  # it is the reference, or the spec runs no partner
                 continue
             b = next((q for q in runs if q.seed == r.seed and q.values == want), None)
-            speedups[which] = speedup(b.curve, r.curve) if b else Speedup(None, "no partner run")
+            speedups[which] = speedup(b.curve, r.curve) if b else Speedup(None, NO_PARTNER)
             if which == "baseline" and b:  # same seed: same labeled subset, same decoder initialisation
                 paired, delta = True, paired_difference(r.score("mean_dice"), b.score("mean_dice"))
         out.append(CellResult(r, convergence(r.curve), best(r.curve), speedups, paired, delta))
@@ -166,7 +170,9 @@ def aggregate(cells: list[CellResult]) -> list[GroupRow]:
         for which in REFERENCES:
             sps = [r.speedup_vs[which] for r in rs if which in r.speedup_vs]
             if sps:
-                speedups[which] = GroupSpeedup(mean_sd([s.speedup for s in sps]), sum(s.speedup is None for s in sps))
+                alone = sum(s.note == NO_PARTNER for s in sps)
+                speedups[which] = GroupSpeedup(mean_sd([s.speedup for s in sps]),
+                                               sum(s.speedup is None for s in sps) - alone, alone)
         rows.append(GroupRow(
             group=group, values=rs[0].run.values, seeds=len(rs),
             eval_dice=mean_sd([r.run.score("mean_dice") for r in rs]),
