@@ -33,10 +33,11 @@ def _run_key(cfg: Config) -> str:
                        "roi": list(cfg.data.roi_size)}, sort_keys=True, default=str)
 
 
-def _finished(run_dir: Path | None) -> dict | None:
-    """A finished run's done.json (its steps and wall seconds), or None."""
+def _finished(run_dir: Path | None, needs: str = DONE) -> dict | None:
+    """A finished run's done.json (its steps and wall seconds), or None; ``needs``: the file that marks it finished
+    (a probe: its evaluation.json)."""
     done = run_dir / DONE if run_dir is not None else None
-    return read_json(done) if done is not None and done.is_file() else None
+    return read_json(done) if done is not None and done.is_file() and (run_dir / needs).is_file() else None
 
 
 @dataclass
@@ -50,6 +51,7 @@ class _Ledger:
     todo_runs: int = 0
     done_runs: int = 0
     synthetic: bool = False  # some estimate rests on a synthetic timing
+    measured: bool = False  # some estimate rests on a finished run's pace
 
     def learn(self, cfg: Config, done: dict | None) -> None:
         if done and done.get("wall_s") and done.get("steps"):
@@ -69,7 +71,7 @@ class _Ledger:
         key, steps = _run_key(cfg), cfg.train.max_steps or 0
         if key in self.measured_per_step:
             per = self.measured_per_step[key]
-            s, how = steps * sum(per) / len(per), "as measured"
+            s, how, self.measured = steps * sum(per) / len(per), "as measured", True
         else:
             if key not in self.timed:
                 self.timed[key] = measure_step_seconds(cfg)
@@ -102,7 +104,7 @@ def dry_run_table(spec: Spec, run: StudyRun, estimate: bool = True) -> str:
     for d, p in pre.items():
         led.learn(p, _finished(d))
     for _, _, d in probe_runs or []:
-        led.learn(probe_cfg, _finished(d) if (d / "evaluation.json").is_file() else None)
+        led.learn(probe_cfg, _finished(d, "evaluation.json"))
 
     lines = [f"study {spec.name}: {len(cells)} fine-tuning cell(s)", ""]
     pre_seen: set[Path] = set()
@@ -129,7 +131,7 @@ def dry_run_table(spec: Spec, run: StudyRun, estimate: bool = True) -> str:
     if probe is not None:
         finished = 0
         for _, _, d in probe_runs:
-            done = _finished(d) if (d / "evaluation.json").is_file() else None
+            done = _finished(d, "evaluation.json")
             finished += done is not None
             led.add("probe", probe_cfg, done)
         total["probe"] = len(probe_runs) * (probe_cfg.train.max_steps or 0)
@@ -151,7 +153,7 @@ def dry_run_table(spec: Spec, run: StudyRun, estimate: bool = True) -> str:
             names = {"pretrain": "pretraining", "finetune": "fine-tuning", "probe": "probes"}
             by_stage = ", ".join(f"{w} {_fmt_minutes(led.todo_s[k])}" for k, w in names.items() if k in led.todo_s)
             how = []
-            if led.measured_per_step:
+            if led.measured:
                 how.append("as measured: at the seconds per step of the finished runs of the same kind, data "
                            "loading and validation included")
             if led.synthetic:
