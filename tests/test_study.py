@@ -74,15 +74,19 @@ def test_cell_results_are_measured_against_their_same_seed_partners(tmp_path: Pa
     spec = load_spec(str(spec_file))
     curve = [(i, 0.1 * i) for i in range(1, 4)]
 
-    def run(m: str, s: int, dice: float | None) -> CellRun:
+    def run(m: str, s: int, dice: float | None, tail: float = 0.3) -> CellRun:
         return CellRun(cell=f"{m}{s}", group=f"method={m}", values={"method": m}, seed=s, pretrained=None,
-                       run_dir="", wall_s=1.0, curve=curve, evaluation=None if dice is None else {"mean_dice": dice})
+                       run_dir="", wall_s=1.0, curve=curve + [(4, tail)],
+                       evaluation=None if dice is None else {"mean_dice": dice})
 
-    cells = score_cells(spec, [run("scratch", 0, 0.5), run("mae", 0, 0.6), run("mae", 1, None)])
+    cells = score_cells(spec, [run("scratch", 0, 0.5), run("mae", 0, 0.6, tail=0.25), run("mae", 1, None)])
     assert "speedup_vs_baseline" not in cells[0].to_json()  # the baseline itself
     mae0, mae1 = cells[1].to_json(), cells[2].to_json()
-    assert list(mae0)[-3:] == ["best_val_dice", "speedup_vs_baseline", "paired_delta"]
+    assert list(mae0)[-6:] == ["best_val_dice", "last_val_step", "last_val_dice", "speedup_vs_baseline",
+                               "paired_delta", "paired_last_delta"]
     assert mae0["paired_delta"] == pytest.approx(0.1) and mae0["speedup_vs_baseline"]["speedup"] == 1.0
+    assert (mae0["last_val_step"], mae0["last_val_dice"]) == (4, 0.25)
+    assert mae0["paired_last_delta"] == pytest.approx(-0.05)  # its last validation is below scratch's
     assert "paired_delta" not in mae1 and "evaluation" not in mae1  # seed 1 has no scratch run to pair with
     assert mae1["speedup_vs_baseline"] == {"speedup": None, "note": "no partner run"}
     rows = aggregate(cells)
@@ -91,7 +95,8 @@ def test_cell_results_are_measured_against_their_same_seed_partners(tmp_path: Pa
     from medmim.study.report import _speedup_cell
 
     g = rows[1].speedup_vs["baseline"]
-    assert (g.never_reached, g.no_partner, rows[1].paired_n) == (0, 1, 1)
+    assert (g.never_reached, g.no_partner, rows[1].paired_n, rows[1].paired_last_n) == (0, 1, 1, 1)
+    assert rows[1].last_val_dice == pytest.approx((0.275, 0.0354), abs=1e-4)
     assert rows[1].to_json()["no_partner_vs_baseline"] == 1 and "no_partner_vs_baseline" not in rows[0].to_json()
     assert _speedup_cell(rows[1], "baseline") == "1.00 ± 0.00 (1/2 without a partner run yet)"
 
@@ -130,8 +135,13 @@ def test_summary_says_which_differences_are_inside_the_noise_and_which_runs_are_
     text = summary_markdown(spec, aggregate(score_cells(spec, runs)))
     assert "**Not converged: 1 of 9 runs** (method=simmim (1/3))" in text
     assert "| converged | speed-up vs method=scratch |\n" in text  # the spec names no contrastive run
-    assert "- method=mae: +0.100 (beyond the spread (0.020); seed by seed: +0.100 ± 0.010 over 3)" in text
-    assert "- method=simmim: +0.003 (within the spread (0.050): not a result; seed by seed: +0.003 ± 0.070 over 3)" in text
+    # best.pt's Dice beats scratch's, but at the last validation (a score no one picked) there is no difference
+    assert ("- method=mae: +0.100 (beyond the spread (0.020); seed by seed: +0.100 ± 0.010 over 3; "
+            "at the last validation, seed by seed: +0.000 ± 0.000 over 3)") in text
+    assert ("- method=simmim: +0.003 (within the spread (0.050): not a result; seed by seed: +0.003 ± 0.070 over 3; "
+            "at the last validation, seed by seed: -0.007 ± 0.012 over 3)") in text
+    assert "| best val Dice | last val Dice | converged |" in text
+    assert "| method=simmim | 3 | 0.503 ± 0.050 | 10.0 ± 0.0 | 0.493 ± 0.012 | 0.493 ± 0.012 | 2/3 |" in text
     assert "method=scratch: " not in text.split("minus method=scratch")[1]
 
 

@@ -89,6 +89,11 @@ def best(curve: Curve) -> float | None:
     return max((v for _, v in curve), default=None)
 
 
+def last(curve: Curve) -> tuple[int, float] | None:
+    """A run's last validation (step, Dice): a score that no one chose, unlike the best; None without one."""
+    return curve[-1] if curve else None
+
+
 def mean_sd(values: list[float | None]) -> MeanSd:
     """Mean and sample standard deviation (0 for one value) of the finite values; (None, None) without any."""
     vals = [v for v in values if v is not None and math.isfinite(v)]

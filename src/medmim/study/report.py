@@ -15,8 +15,8 @@ from medmim.study.diagnostics import Diagnostics, pretext_markdown, probe_markdo
 from medmim.study.results import CellResult, CellRun, GroupRow, StudyResult, matches, partner_values
 from medmim.study.spec import Spec
 
-CELL_COLUMNS = ["cell", "group", "seed", "eval_mean_dice", "eval_mean_hd95", "best_val_dice", "converged",
-                "rel_change_last_quarter", "speedup_vs_baseline", "speedup_vs_contrastive", "wall_s"]
+CELL_COLUMNS = ["cell", "group", "seed", "eval_mean_dice", "eval_mean_hd95", "best_val_dice", "last_val_dice",
+                "converged", "rel_change_last_quarter", "speedup_vs_baseline", "speedup_vs_contrastive", "wall_s"]
 
 
 def write_report(out: Path, spec: Spec, result: StudyResult) -> None:
@@ -40,8 +40,8 @@ def cells_csv(cells: list[CellResult]) -> str:
     for r in cells:
         sp = {which: s.speedup for which, s in r.speedup_vs.items()}
         w.writerow([r.run.cell, r.run.group, r.run.seed, r.run.score("mean_dice"), r.run.score("mean_hd95"),
-                    r.best_val_dice, r.convergence.converged, r.convergence.rel_change, sp.get("baseline"),
-                    sp.get("contrastive"), r.run.wall_s])
+                    r.best_val_dice, r.last_val_dice, r.convergence.converged, r.convergence.rel_change,
+                    sp.get("baseline"), sp.get("contrastive"), r.run.wall_s])
     return buf.getvalue()
 
 
@@ -81,13 +81,13 @@ def _are_regions(names) -> bool:
 def summary_markdown(spec: Spec, rows: list[GroupRow], organs: bool = True) -> str:
     """The table of groups, their per-organ Dice (``organs``), and notes on what they show (summary.md)."""
     refs = [(which, group_name(ref)) for which, ref in spec.references.items()]  # a spec may name neither
-    head = ["group", "seeds", "held-out mean Dice", "mean HD95 (mm)", "best val Dice", "converged"]
+    head = ["group", "seeds", "held-out mean Dice", "mean HD95 (mm)", "best val Dice", "last val Dice", "converged"]
     head += [f"speed-up vs {name}" for _, name in refs]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         n = r.seeds  # a group may have fewer finished seeds than the spec lists (--report-only)
         lines.append(f"| {r.group} | {n} | {_fmt(r.eval_dice, 3, n)} | {_fmt(r.eval_hd95, 1, n)} | "
-                     f"{_fmt(r.best_val_dice, 3, n)} | {r.converged}/{r.seeds} |"
+                     f"{_fmt(r.best_val_dice, 3, n)} | {_fmt(r.last_val_dice, 3, n)} | {r.converged}/{r.seeds} |"
                      + "".join(f" {_speedup_cell(r, which)} |" for which, _ in refs))
     organ_ids = []
     for r in rows:
@@ -104,7 +104,10 @@ def summary_markdown(spec: Spec, rows: list[GroupRow], organs: bool = True) -> s
             lines.append(f"| {r.group} | " + " | ".join(_fmt(r.organs[c][1], 2) if c in r.organs else "—"
                                                        for c in organ_ids) + " |")
     lines += _reading_notes(spec, rows)
-    lines += ["", f"Converged: |relative change of validation Dice over the last quarter of the run| < "
+    lines += ["", "Held-out mean Dice and HD95 are those of each run's best.pt: the checkpoint of its best validation "
+                  "Dice. The validation cases are the held-out ones, so that pick favours the run it was made for; "
+                  "last val Dice is each run's Dice at its last validation, a score no one picked.",
+              "", f"Converged: |relative change of validation Dice over the last quarter of the run| < "
                   f"{CONVERGED_REL_CHANGE:.0%}; under the cosine schedule the last quarter runs at 15% of the peak "
                   f"learning rate or less, so a flat last quarter can also be the schedule running out (a run twice "
                   f"as long tells which). Speed-up: (first step the baseline reaches {SPEEDUP_LEVEL:.0%} of its best "
@@ -126,10 +129,16 @@ def _against_baseline(spec: Spec, r: GroupRow, rows: list[GroupRow]) -> str | No
         spread = max(sd, bsd)
         verdict = (f"beyond the spread ({spread:.3f})" if abs(delta) > spread
                    else f"within the spread ({spread:.3f}): not a result")
-    (pm, psd), pn = r.paired_delta, r.paired_n
-    paired = ("" if pm is None else f"; seed by seed: {pm:+.3f} ± {psd:.3f} over {pn}" if pn > 1
-              else f"; against the same seed: {pm:+.3f}")
-    return f"- {r.group}: {delta:+.3f} ({verdict}{paired})"
+    paired = _paired(r.paired_delta, r.paired_n)
+    last = _paired(r.paired_last_delta, r.paired_last_n)
+    last = f"; at the last validation,{last[1:]}" if last else ""
+    return f"- {r.group}: {delta:+.3f} ({verdict}{paired}{last})"
+
+
+def _paired(ms: MeanSd, n: int) -> str:
+    (m, sd) = ms
+    return ("" if m is None else f"; seed by seed: {m:+.3f} ± {sd:.3f} over {n}" if n > 1
+            else f"; against the same seed: {m:+.3f}")
 
 
 def _reading_notes(spec: Spec, rows: list[GroupRow]) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medmim.study.curves import (Convergence, Curve, MeanSd, Speedup, best, convergence, mean_sd,
+from medmim.study.curves import (Convergence, Curve, MeanSd, Speedup, best, convergence, last, mean_sd,
                                  paired_difference, speedup)
 from medmim.study.diagnostics import Diagnostics
 from medmim.study.spec import Spec
@@ -47,6 +47,16 @@ class CellResult:
     speedup_vs: dict[str, Speedup] = field(default_factory=dict)  # "baseline"/"contrastive" -> speed-up over it
     paired: bool = False  # a baseline run of the same seed exists (then ``paired_delta`` is its difference)
     paired_delta: float | None = None  # held-out mean Dice minus the same-seed baseline's
+    paired_last_delta: float | None = None  # the same for the Dice at the last validation
+
+    @property
+    def last_val(self) -> tuple[int, float] | None:
+        """(step, Dice) of the run's last validation: unlike the best, a score no one picked."""
+        return last(self.run.curve)
+
+    @property
+    def last_val_dice(self) -> float | None:
+        return self.last_val[1] if self.last_val else None
 
     def to_json(self) -> dict:
         r = self.run
@@ -56,11 +66,13 @@ class CellResult:
             d["evaluation"] = r.evaluation
         d["convergence"] = self.convergence.to_json()
         d["best_val_dice"] = self.best_val_dice
+        if self.last_val:
+            d["last_val_step"], d["last_val_dice"] = self.last_val
         for which in REFERENCES:
             if which in self.speedup_vs:
                 d[f"speedup_vs_{which}"] = self.speedup_vs[which].to_json()
             if which == "baseline" and self.paired:
-                d["paired_delta"] = self.paired_delta
+                d["paired_delta"], d["paired_last_delta"] = self.paired_delta, self.paired_last_delta
         return d
 
 
@@ -81,17 +93,22 @@ class GroupRow:
     eval_dice: MeanSd
     eval_hd95: MeanSd
     best_val_dice: MeanSd
+    last_val_dice: MeanSd  # Dice at each run's last validation
     converged: int  # runs that converged
     paired_delta: MeanSd  # of the same-seed differences against the baseline
     paired_n: int
+    paired_last_delta: MeanSd  # the same at the last validation
+    paired_last_n: int
     rel_change: MeanSd
     speedup_vs: dict[str, GroupSpeedup]  # the references any run of the group was measured against
     organs: dict[str, tuple[str, MeanSd]]  # class id -> (organ name, held-out Dice), by class id
 
     def to_json(self) -> dict:
         d = {"group": self.group, "values": self.values, "seeds": self.seeds, "eval_dice": self.eval_dice,
-             "eval_hd95": self.eval_hd95, "best_val_dice": self.best_val_dice, "converged": self.converged,
-             "paired_delta": self.paired_delta, "paired_n": self.paired_n, "rel_change": self.rel_change}
+             "eval_hd95": self.eval_hd95, "best_val_dice": self.best_val_dice, "last_val_dice": self.last_val_dice,
+             "converged": self.converged, "paired_delta": self.paired_delta, "paired_n": self.paired_n,
+             "paired_last_delta": self.paired_last_delta, "paired_last_n": self.paired_last_n,
+             "rel_change": self.rel_change}
         for which, s in self.speedup_vs.items():
             d[f"speedup_vs_{which}"], d[f"never_reached_vs_{which}"] = s.speedup, s.never_reached
             if s.no_partner:
@@ -137,7 +154,7 @@ def score_cells(spec: Spec, runs: list[CellRun]) -> list[CellResult]:
     out = []
     for r in runs:
         speedups: dict[str, Speedup] = {}
-        paired, delta = False, None
+        paired, delta, last_delta = False, None, None
         for which, ref in spec.references.items():
             want = partner_values(r.values, ref)
             if matches(r.values, ref) or spec.excluded(want):  # it is the reference, or the spec runs no partner
@@ -146,7 +163,9 @@ def score_cells(spec: Spec, runs: list[CellRun]) -> list[CellResult]:
             speedups[which] = speedup(b.curve, r.curve) if b else Speedup(None, NO_PARTNER)
             if which == "baseline" and b:  # same seed: same labeled subset, same decoder initialisation
                 paired, delta = True, paired_difference(r.score("mean_dice"), b.score("mean_dice"))
-        out.append(CellResult(r, convergence(r.curve), best(r.curve), speedups, paired, delta))
+                mine, theirs = last(r.curve), last(b.curve)
+                last_delta = paired_difference(mine and mine[1], theirs and theirs[1])
+        out.append(CellResult(r, convergence(r.curve), best(r.curve), speedups, paired, delta, last_delta))
     return out
 
 
@@ -166,6 +185,7 @@ def aggregate(cells: list[CellResult]) -> list[GroupRow]:
     rows = []
     for group, rs in groups.items():
         paired = [r.paired_delta for r in rs if r.paired_delta is not None]
+        paired_last = [r.paired_last_delta for r in rs if r.paired_last_delta is not None]
         speedups = {}
         for which in REFERENCES:
             sps = [r.speedup_vs[which] for r in rs if which in r.speedup_vs]
@@ -178,8 +198,10 @@ def aggregate(cells: list[CellResult]) -> list[GroupRow]:
             eval_dice=mean_sd([r.run.score("mean_dice") for r in rs]),
             eval_hd95=mean_sd([r.run.score("mean_hd95") for r in rs]),
             best_val_dice=mean_sd([r.best_val_dice for r in rs]),
+            last_val_dice=mean_sd([r.last_val_dice for r in rs]),
             converged=sum(bool(r.convergence.converged) for r in rs),
-            paired_delta=mean_sd(paired), paired_n=len(paired),
+            paired_delta=mean_sd(paired), paired_n=len(paired), paired_last_delta=mean_sd(paired_last),
+            paired_last_n=len(paired_last),
             rel_change=mean_sd([r.convergence.rel_change for r in rs]),
             speedup_vs=speedups, organs=_organs(rs)))
     return rows
