@@ -110,7 +110,7 @@ def verify(state: Path, study: Path) -> int:
     if want is None or want != data_sums(study):
         print(f"study_state: {study / 'phantom'} is not the data the runs in {state} saw"
               + (" (no data.sha256 there)" if want is None else
-                 " (was it written with OPENBLAS_CORETYPE=Haswell, as study_tasks.py does?)"), file=sys.stderr)
+                 " (was it written by another version of the phantom?)"), file=sys.stderr)
         return -1
     return 0
 

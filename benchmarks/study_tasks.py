@@ -13,13 +13,8 @@ same config and folder, so that command then finds it finished and only writes t
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-
-# The abdominal phantom's bytes depend on numpy's OpenBLAS kernel (see medmim.data.phantom); the carried runs of
-# phantom-science-v2 saw the data Haswell's kernel writes, so every piece pins it, before numpy is loaded.
-os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
 
 from medmim.errors import MedmimError
 

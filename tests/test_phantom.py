@@ -267,6 +267,46 @@ def test_same_seed_writes_same_bytes(tmp_path):
     assert (a / rel).read_bytes() != (c / rel).read_bytes()
 
 
+_HASH_CASES = """
+import hashlib
+from medmim.data.phantom import make_phantom
+from medmim.data.phantom_brain import make_brain_phantom
+for case in (make_phantom(0), make_phantom(1), make_brain_phantom(0, shape=(64, 72, 64), spacing=(2.5, 2.5, 2.5))):
+    print(hashlib.sha256(case.image.tobytes() + case.label.tobytes()).hexdigest())
+"""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+@pytest.mark.skipif("avx2" not in _cpu_flags(), reason="needs an x86 CPU with AVX2, to run two BLAS kernels")
+def test_same_seed_same_bytes_whichever_blas_kernel_the_cpu_picks():
+    # numpy's OpenBLAS picks its kernel for the CPU; forcing an old one (SSE3) and an AVX2 one imitates two
+    # machines. With the organ frames' products in BLAS, seeds 0 and 1 differed in a few voxels between them.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import medmim
+
+    src = str(Path(medmim.__file__).resolve().parents[1])
+    hashes = {}
+    for kernel in ("Prescott", "Haswell"):
+        env = {**os.environ, "OPENBLAS_CORETYPE": kernel, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, "-c", _HASH_CASES], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        hashes[kernel] = done.stdout.split()
+    assert len(hashes["Haswell"]) == 3 and hashes["Prescott"] == hashes["Haswell"]
+
+
 @pytest.mark.parametrize("kwargs, option", [
     ({"labeled": -1}, "--labeled"),
     ({"unlabeled": -2}, "--unlabeled"),

@@ -2,12 +2,10 @@
 
 Each case is a contrast-enhanced (portal venous phase) abdominal CT from the lung bases to the
 lower lumbar spine, with BTCV's 13 organ labels. Everything is drawn from one integer seed, so
-the same seed gives the same arrays and the same file bytes on one machine. Across machines the
-bytes can differ: the small matrix products of the organ frames go through numpy's OpenBLAS, whose
-kernel the CPU chooses, and an AVX-512 CPU's kernel (SkylakeX) rounds them differently from an
-AVX2 CPU's (Haswell), which moves a few tissue voxels of the image (seen on the 60 phantoms of
-phantom-science-v2; their organ labels were the same). ``OPENBLAS_CORETYPE=Haswell``, set before
-numpy is loaded, gives every x86 machine with AVX2 the same kernel.
+the same seed gives the same arrays and the same file bytes, on any CPU: the small matrix products
+of the organ frames are summed in numpy's own loops (``_mm``, ``_norm``), not handed to its BLAS,
+whose kernel depends on the CPU (an AVX-512 kernel rounded them differently from an AVX2 one and
+moved a few tissue voxels of each image; the bytes are now those that the AVX2 kernel gave).
 
 Geometry: array axes ``[i, j, k]`` point to the patient's Right, Anterior and Superior (RAS+), the
 affine is ``diag(spacing)`` with the volume centre at world ``(0, 0, 0)`` mm, and the patient lies
@@ -403,6 +401,24 @@ class _Canvas:
             self.tissue[sl][mask] = tissue
 
 
+# --- small products done in numpy's own loops: the same bytes on every CPU ---------------------
+# numpy gives ``@``, ``np.dot`` and the norm of a vector to BLAS, whose kernel (picked for the CPU at start)
+# may fuse or reorder the multiply-adds; a phantom drawn from them differs in a few voxels between machines.
+
+def _mm(a, b) -> np.ndarray:
+    """``a @ b`` for a matrix ``a`` [n, k] and a matrix [k, m] or vector [k] ``b``, summed in a fixed order."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if b.ndim == 1:
+        return (a * b).sum(axis=-1)
+    return (a[:, :, None] * b[None, :, :]).sum(axis=1)
+
+
+def _norm(v) -> float:
+    """Euclidean norm of a vector, summed in a fixed order."""
+    v = np.asarray(v, float)
+    return math.sqrt(float((v * v).sum()))
+
+
 # --- shapes: smooth implicit fields, < 1 inside at scale 1 ------------------------------------
 
 def _rot(ax: float = 0.0, ay: float = 0.0, az: float = 0.0) -> np.ndarray:
@@ -411,20 +427,20 @@ def _rot(ax: float = 0.0, ay: float = 0.0, az: float = 0.0) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rx @ ry @ rz
+    return _mm(_mm(rx, ry), rz)
 
 
 def _frame(first, up=(0.0, 0.0, 1.0)) -> np.ndarray:
     """Orthonormal columns: ``first`` normalised, then the part of ``up`` orthogonal to it."""
-    e1 = np.asarray(first, float) / np.linalg.norm(first)
-    e3 = np.asarray(up, float) - np.dot(up, e1) * e1
-    e3 /= np.linalg.norm(e3)
+    e1 = np.asarray(first, float) / _norm(first)
+    e3 = np.asarray(up, float) - float((np.asarray(up, float) * e1).sum()) * e1
+    e3 /= _norm(e3)
     return np.stack([e1, np.cross(e3, e1), e3], axis=1)
 
 
 def _extent(rot: np.ndarray, semi) -> np.ndarray:
     """Half-extent along the world axes of an ellipsoid with axes ``rot`` columns, ``semi`` mm."""
-    return np.sqrt((rot**2) @ (np.asarray(semi, float) ** 2))
+    return np.sqrt(_mm(rot**2, np.asarray(semi, float) ** 2))
 
 
 def _draw_bumps(rng, size_mm: float, n: int = 3, amp: float = 0.07, wavelength=(60.0, 120.0)):
@@ -433,8 +449,8 @@ def _draw_bumps(rng, size_mm: float, n: int = 3, amp: float = 0.07, wavelength=(
     bumps = []
     for _ in range(n):
         k = rng.normal(size=3)
-        k *= 2 * math.pi / (np.linalg.norm(k) * rng.uniform(*wavelength))
-        a = min(rng.uniform(0.3, 1.0) * amp, 0.6 / (n * np.linalg.norm(k) * size_mm))
+        k *= 2 * math.pi / (_norm(k) * rng.uniform(*wavelength))
+        a = min(rng.uniform(0.3, 1.0) * amp, 0.6 / (n * _norm(k) * size_mm))
         bumps.append((k.astype(np.float32), rng.uniform(0, 2 * math.pi), a))
     return bumps
 
@@ -466,7 +482,7 @@ def _spline(ctrl, radii, step: float = 6.0):
     pts, rs = [], []
     for i in range(len(p) - 1):
         p0, p1, p2, p3 = pp[i:i + 4]
-        n = max(1, math.ceil(np.linalg.norm(p2 - p1) / step))
+        n = max(1, math.ceil(_norm(p2 - p1) / step))
         t = (np.arange(n) / n)[:, None]
         pts.append(0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
                           + (3 * p1 - p0 - 3 * p2 + p3) * t**3))
@@ -512,7 +528,7 @@ def _tube(cv: _Canvas, sl, curves, scale: float = 1.0) -> np.ndarray:
             x, y, z = axes[0][rel[0]][:, None, None], axes[1][rel[1]][None, :, None], axes[2][rel[2]][None, None, :]
             d = (b[n] - a[n]).astype(np.float32)
             dx, dy, dz = x - np.float32(a[n, 0]), y - np.float32(a[n, 1]), z - np.float32(a[n, 2])
-            t = (dx * d[0] + dy * d[1] + dz * d[2]) * np.float32(1.0 / max(float(d @ d), 1e-6))
+            t = (dx * d[0] + dy * d[1] + dz * d[2]) * np.float32(1.0 / max(float((d * d).sum()), 1e-6))
             np.clip(t, 0.0, 1.0, out=t)
             dist = np.sqrt((dx - t * d[0]) ** 2 + (dy - t * d[1]) ** 2 + (dz - t * d[2]) ** 2)
             val = dist / (np.float32(rs[n]) + t * np.float32(rs[n + 1] - rs[n]))
@@ -694,7 +710,7 @@ def _paint_kidneys(cv: _Canvas, pt: _Patient, rng) -> dict:
         # upper pole posterior (about x) and medial (about y), hilum turned forward (about z)
         rot = _rot(math.radians(rng.uniform(10, 20)), -math.radians(rng.uniform(8, 16)),
                    -math.radians(rng.uniform(20, 35)))
-        rot = np.diag([side, 1.0, 1.0]) @ rot  # mirror the right kidney's frame for the left one
+        rot = rot * np.array([[side], [1.0], [1.0]])  # mirror the right kidney's frame for the left one
         semi = np.array([25.0, 21.0, 55.0]) * rng.uniform(0.92, 1.08, 3)
         bumps = _draw_bumps(rng, semi.max(), amp=0.05)
         s_max = 1.3
@@ -703,20 +719,20 @@ def _paint_kidneys(cv: _Canvas, pt: _Patient, rng) -> dict:
         X, Y, Z = cv.coords(sl)
         rho = _ellipsoid(X, Y, Z, centre, rot, semi, bumps)
         # hilum: a notch in the medial-anterior surface, left as sinus fat
-        hilum = centre + rot @ np.array([-semi[0] * 0.95, semi[1] * 0.25, 0.0])
+        hilum = centre + _mm(rot, np.array([-semi[0] * 0.95, semi[1] * 0.25, 0.0]))
         notch = _ellipsoid(X, Y, Z, hilum, rot, semi * np.array([0.45, 0.45, 0.32])) < 1.0
         rho[notch] = np.inf
         allowed = cv.free(sl) & (Z < _diaphragm_floor(pt, X, Y))
         mask, s = _fit(cv, sl, rho, allowed, rng.uniform(*_VOLUME_ML[lab]), s_max)
         mask = cv.paint_organ(sl, mask, lab, ORGAN + lab)
         # collecting system: unenhanced urine in the sinus
-        pelvis = _ellipsoid(X, Y, Z, centre + rot @ np.array([-semi[0] * 0.35, 0.0, 0.0]), rot,
+        pelvis = _ellipsoid(X, Y, Z, centre + _mm(rot, np.array([-semi[0] * 0.35, 0.0, 0.0])), rot,
                             semi * np.array([0.25, 0.28, 0.5]) * s) < 1.0
         cv.paint(sl, mask & pelvis, tissue=URINE)
         cv.reserve_fat(sl, mask, rng.uniform(3, 8))  # perirenal fat
         out[lab] = {"centre": centre, "rot": rot, "semi": semi * s,
-                    "upper_pole": centre + rot @ np.array([0.0, 0.0, semi[2] * s]),
-                    "hilum": centre + rot @ np.array([-semi[0] * s * 0.9, semi[1] * s * 0.3, 0.0])}
+                    "upper_pole": centre + _mm(rot, np.array([0.0, 0.0, semi[2] * s])),
+                    "hilum": centre + _mm(rot, np.array([-semi[0] * s * 0.9, semi[1] * s * 0.3, 0.0]))}
     return out
 
 
@@ -783,7 +799,7 @@ def _paint_spleen(cv: _Canvas, pt: _Patient, rng) -> np.ndarray:
     forward = np.array([math.sin(theta), -math.cos(theta), 0.0])  # tangent towards anterior
     tilt = math.radians(rng.uniform(25, 40))
     up = np.array([0.0, 0.0, math.cos(tilt)]) - forward * math.sin(tilt)
-    e_len = up / np.linalg.norm(up)
+    e_len = up / _norm(up)
     rot = np.stack([radial, np.cross(e_len, radial), e_len], axis=1)
     bumps = _draw_bumps(rng, semi.max(), amp=0.07)
     s_max = 1.7  # room to grow round the kidney when the back of the cavity is shallow
@@ -1013,8 +1029,8 @@ def _random_walk(rng, start, n: int, step: float, lo, hi) -> np.ndarray:
     pts = [np.asarray(start, float)]
     heading = rng.normal(size=3)
     for _ in range(n):
-        heading = heading / np.linalg.norm(heading) + rng.normal(0, 0.7, 3)
-        heading /= np.linalg.norm(heading)
+        heading = heading / _norm(heading) + rng.normal(0, 0.7, 3)
+        heading /= _norm(heading)
         nxt = pts[-1] + heading * step
         out = (nxt < lo) | (nxt > hi)
         heading[out] *= -1  # bounce off the box

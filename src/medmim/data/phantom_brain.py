@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medmim.data.phantom import _affine, _check_seed, write_cases
+from medmim.data.phantom import _affine, _check_seed, _mm, _norm, write_cases
 from medmim.data.regions import BRATS_LABEL_NAMES, ED, ET, NCR
 from medmim.data.phantom import _check_geometry as _check_phantom_geometry
 from medmim.fileio import atomic_write_text
@@ -282,7 +282,7 @@ class _Head:
 def _rot(rng) -> np.ndarray:
     """A uniformly random rotation matrix."""
     q = rng.normal(size=4)
-    q /= np.linalg.norm(q)
+    q /= _norm(q)
     w, x, y, z = q
     return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
                      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
@@ -383,7 +383,7 @@ def _place_tumour(hd: _Head, rng, fields) -> None:
     lo = np.array([ax[0] for ax in lat])
     vent = _ventricle_points(hd.ventricle)
     # the core's nominal surface, centred at 0: rot @ (aniso * r_tc * direction), as ``_paint_tumour`` draws it
-    shell = (_sphere_dirs(256) * tm["aniso"]) @ tm["rot"].T
+    shell = _mm(_sphere_dirs(256) * tm["aniso"], tm["rot"].T)
     long_axis = float(tm["aniso"].max())
     r_tc, best, best_score = tm["r_tc"], None, -np.inf
     for attempt in range(400):
