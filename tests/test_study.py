@@ -351,6 +351,23 @@ def test_study_diagnostics_say_why_and_are_not_measured_twice(tmp_path: Path, ca
     assert json.loads((out / "results.json").read_text(encoding="utf-8"))["diagnostics"] == diag
 
 
+def test_reliance_notes_say_how_much_of_the_baseline_rests_on_the_vit() -> None:
+    from medmim.study import CellRun
+    from medmim.study.diagnostics import Diagnostics, reliance_markdown
+
+    def run(cell: str, labels: str) -> CellRun:
+        return CellRun(cell=cell, group=f"labels={labels}, method=scratch",
+                       values={"labels": labels, "method": "scratch"}, seed=0, pretrained=None, run_dir="",
+                       wall_s=1.0, curve=[])
+
+    rel = {"a": {"mean_dice": 0.20, "mean_dice_vit_averaged": 0.01, "drop": 0.19},  # rests on the ViT
+           "b": {"mean_dice": 0.30, "mean_dice_vit_averaged": 0.299, "drop": 0.001}}  # does not
+    lines = reliance_markdown([run("a", "4"), run("b", "1")], Diagnostics(reliance=rel), {"method": "scratch"})
+    text = "\n".join(lines)
+    assert "- labels=4, method=scratch loses 0.190 of its 0.200 (95%) without the ViT's features: the ViT" in text
+    assert "- labels=1, method=scratch loses +0.001 without the ViT's features: its segmentation does not" in text
+
+
 def test_probe_encoders_must_name_a_pretraining(tmp_path: Path) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text(DIAGNOSED.replace("[random, mae, mae@1]", "[random, scratch]"), encoding="utf-8")

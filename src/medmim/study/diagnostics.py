@@ -239,8 +239,10 @@ def reliance_markdown(runs: list[CellRun], diag: Diagnostics, baseline: dict[str
                 notes.append(f"- {group} loses {drop[0]:+.3f} without the ViT's features: its segmentation does "
                              f"not rest on the ViT, so pretraining the ViT cannot matter much on this data.")
             else:
-                notes.append(f"- {group} loses {drop[0]:.3f} without the ViT's features: the ViT carries part of "
-                             f"the segmentation, so a better ViT can show.")
+                whole = mean_sd([x["mean_dice"] for x in rels])[0]
+                share = f" of its {whole:.3f} ({drop[0] / whole:.0%})" if whole and whole > 0 else ""
+                notes.append(f"- {group} loses {drop[0]:.3f}{share} without the ViT's features: the ViT carries "
+                             f"that much of the segmentation, so a better ViT can show.")
     return lines + ([""] + notes if notes else [])
 
 
