@@ -27,7 +27,7 @@ demo-quick: setup
 # PYTHONWARNDEFAULTENCODING: text read or written without an explicit encoding in medmim fails the suite
 # (pyproject's filterwarnings), so no code path can come to depend on the process locale
 test: setup
-	PYTHONWARNDEFAULTENCODING=1 $(BIN)/python -m pytest -n 2 -q
+	PYTHONWARNDEFAULTENCODING=1 $(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_data.py

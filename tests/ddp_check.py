@@ -4,6 +4,7 @@ On a fixed batch with fixed masks, each rank takes its half of the batch. Rank 0
 gradients and, after a few optimiser steps, every rank's parameter checksum to OUT (a .pt file).
 """
 
+import gc
 import sys
 
 import torch
@@ -45,6 +46,8 @@ def main(out: str, method: str) -> None:
     dist.all_gather(sums, checksum)
     if rank == 0:
         torch.save({"grads": grads, "checksums": torch.stack(sums)}, out)
+    del ddp  # DDP holds the process group; left alive, gloo can abort at interpreter exit
+    gc.collect()
     dist.destroy_process_group()
 
 

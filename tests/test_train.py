@@ -133,13 +133,21 @@ def test_sigkill_mid_training_then_resume_continues_step_and_schedule(cache: Pat
     assert steps[-1] > resumed_at
 
 
+def _torchrun(cmd: list[str]) -> None:
+    """Run a two-process job; on failure show the head of stderr (where an abort's cause is) and its tail."""
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=240)
+    err = r.stderr if len(r.stderr) <= 4000 else r.stderr[:2000] + "\n[...]\n" + r.stderr[-2000:]
+    assert r.returncode == 0, err
+
+
+# The two torchrun tests share one xdist group (run with --dist loadgroup), so two rendezvous never race.
+@pytest.mark.xdist_group("torchrun")
 @pytest.mark.parametrize("method", ["mae"])
 def test_ddp_two_cpu_processes_match_one_process(method: str, tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).with_name("ddp_check.py")), str(out), method]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _torchrun(cmd)
     got = torch.load(out, weights_only=True)
     sums = got["checksums"]
     assert torch.equal(sums[0], sums[1])  # identical parameters on both ranks after 3 steps
@@ -152,12 +160,12 @@ def test_ddp_two_cpu_processes_match_one_process(method: str, tmp_path: Path) ->
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.xdist_group("torchrun")
 def test_torchrun_runs_the_cli_with_rank0_writing(cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medmim",
            "pretrain", "mae-tiny", f"data.path={cache}", f"run.dir={run}", "train.max_steps=3"] + FAST
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _torchrun(cmd)
     rows = [x for x in _rows(run) if x["loss"]]
     assert [int(x["step"]) for x in rows] == [1, 2, 3]
     # two processes: the learning rate is scaled to the batch of both (linear scaling rule)
